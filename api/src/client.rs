@@ -58,7 +58,11 @@ impl ClientFlags {
             .clone()
             .or_else(|| std::env::var_os(CDI_HOME).map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let server = match self.server.clone().or_else(|| std::env::var(CDI_SERVER).ok()) {
+        let server = match self
+            .server
+            .clone()
+            .or_else(|| std::env::var(CDI_SERVER).ok())
+        {
             Some(s) => s,
             None => read_trimmed(&data_dir.join(SERVER_URL_FILE))
                 .unwrap_or_else(|| format!("https://{DEFAULT_LISTEN}")),
@@ -78,12 +82,19 @@ impl ClientFlags {
             .clone()
             .or_else(|| std::env::var_os(CDI_CA_CERT).map(PathBuf::from))
             .or_else(|| Some(data_dir.join(CA_CERT_FILE)).filter(|p| p.exists()));
-        Ok(ClientConfig { server: server.trim_end_matches('/').to_string(), token, ca_cert })
+        Ok(ClientConfig {
+            server: server.trim_end_matches('/').to_string(),
+            token,
+            ca_cert,
+        })
     }
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 #[cfg(test)]
@@ -111,7 +122,10 @@ mod tests {
         std::fs::write(dir.join(SERVER_URL_FILE), "https://127.0.0.1:9999\n").unwrap();
         std::fs::write(dir.join(ADMIN_TOKEN_FILE), "secret\n").unwrap();
         std::fs::write(dir.join(CA_CERT_FILE), "pem").unwrap();
-        let flags = ClientFlags { data_dir: Some(dir.clone()), ..Default::default() };
+        let flags = ClientFlags {
+            data_dir: Some(dir.clone()),
+            ..Default::default()
+        };
         let cfg = flags.resolve().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(cfg.server, "https://127.0.0.1:9999");

@@ -8,6 +8,7 @@ pub mod client;
 pub mod env;
 pub mod overhead;
 pub mod quantity;
+pub mod resources;
 pub mod termination;
 
 pub use quantity::{Quantity, QuantityError};

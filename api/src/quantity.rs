@@ -32,12 +32,18 @@ impl Quantity {
     /// storage requests.
     pub fn parse(text: &str) -> Result<Self, QuantityError> {
         let bytes = parse_bytes(text)?;
-        Ok(Quantity { text: text.trim().to_string(), bytes })
+        Ok(Quantity {
+            text: text.trim().to_string(),
+            bytes,
+        })
     }
 
     /// A quantity of exactly `bytes`, spelled as a plain integer.
     pub fn from_bytes(bytes: u64) -> Self {
-        Quantity { text: bytes.to_string(), bytes }
+        Quantity {
+            text: bytes.to_string(),
+            bytes,
+        }
     }
 
     /// The value in bytes.
@@ -101,7 +107,9 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
         b'+' => (1, &s[1..]),
         _ => (1, s),
     };
-    let num_end = body.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(body.len());
+    let num_end = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
     let (number, suffix) = body.split_at(num_end);
     if number.is_empty() || number == "." || number.matches('.').count() > 1 {
         return Err(syntax());
@@ -143,7 +151,9 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
     let mut value = mantissa.checked_mul(1u128 << exp2).ok_or_else(overflow)?;
     if exp10 >= 0 {
         let scale = 10u128.checked_pow(u32::try_from(exp10).map_err(|_| overflow())?);
-        value = value.checked_mul(scale.ok_or_else(overflow)?).ok_or_else(overflow)?;
+        value = value
+            .checked_mul(scale.ok_or_else(overflow)?)
+            .ok_or_else(overflow)?;
     } else {
         let scale = 10u128.checked_pow(u32::try_from(-exp10).map_err(|_| overflow())?);
         match scale {
@@ -195,8 +205,14 @@ mod tests {
         assert!(matches!(parse_bytes("2GB"), Err(QuantityError::Syntax(_))));
         assert!(matches!(parse_bytes("abc"), Err(QuantityError::Syntax(_))));
         assert!(matches!(parse_bytes(""), Err(QuantityError::Empty)));
-        assert!(matches!(parse_bytes("-1Gi"), Err(QuantityError::Negative(_))));
-        assert!(matches!(parse_bytes("99999Ei"), Err(QuantityError::Overflow(_))));
+        assert!(matches!(
+            parse_bytes("-1Gi"),
+            Err(QuantityError::Negative(_))
+        ));
+        assert!(matches!(
+            parse_bytes("99999Ei"),
+            Err(QuantityError::Overflow(_))
+        ));
     }
 
     #[test]

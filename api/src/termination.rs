@@ -44,7 +44,10 @@ pub struct TerminationMessage {
 impl TerminationMessage {
     /// A message with just `message` set.
     pub fn with_message(message: impl Into<String>) -> Self {
-        TerminationMessage { message: Some(message.into()), ..Default::default() }
+        TerminationMessage {
+            message: Some(message.into()),
+            ..Default::default()
+        }
     }
 
     /// One line of JSON within [`MAX_TERMINATION_MESSAGE_BYTES`]; labels are dropped (largest
@@ -118,7 +121,10 @@ mod tests {
             preallocation_applied: Some(false),
             ..TerminationMessage::with_message(IMPORT_COMPLETE)
         };
-        assert_eq!(msg.to_line(), r#"{"preallocationApplied":false,"message":"Import Complete"}"#);
+        assert_eq!(
+            msg.to_line(),
+            r#"{"preallocationApplied":false,"message":"Import Complete"}"#
+        );
     }
 
     #[test]
@@ -131,8 +137,13 @@ mod tests {
 
     #[test]
     fn oversized_labels_are_dropped_to_fit() {
-        let labels = (0..100).map(|i| (format!("label-{i}"), "x".repeat(100))).collect();
-        let msg = TerminationMessage { labels: Some(labels), ..Default::default() };
+        let labels = (0..100)
+            .map(|i| (format!("label-{i}"), "x".repeat(100)))
+            .collect();
+        let msg = TerminationMessage {
+            labels: Some(labels),
+            ..Default::default()
+        };
         assert!(msg.to_line().len() <= MAX_TERMINATION_MESSAGE_BYTES);
     }
 

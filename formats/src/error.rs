@@ -66,7 +66,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind`; `message` is lowercase, one line, no trailing period.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), source: None }
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Shorthand for [`ErrorKind::Corrupt`].
@@ -105,7 +109,11 @@ impl Error {
             }
             return Error::new(ErrorKind::Io, what);
         }
-        Error { kind, message: what, source: Some(err) }
+        Error {
+            kind,
+            message: what,
+            source: Some(err),
+        }
     }
 
     /// The stable classification.
@@ -172,7 +180,10 @@ mod tests {
 
     #[test]
     fn enospc_is_classified_as_no_space() {
-        let err = Error::io("writing target", io::Error::from_raw_os_error(nix::libc::ENOSPC));
+        let err = Error::io(
+            "writing target",
+            io::Error::from_raw_os_error(nix::libc::ENOSPC),
+        );
         assert_eq!(err.kind(), ErrorKind::NoSpace);
     }
 

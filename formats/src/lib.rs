@@ -40,12 +40,13 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
-pub use convert::{ConvertOptions, ConvertReport};
+pub use convert::{ConvertOptions, ConvertReport, convert_path, convert_reader};
 pub use detect::{Compression, ImageFormat};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     BackingPolicy, DiskImage, Extent, ExtentKind, ExtentSink, FormatInfo, OpenOptions,
     StreamContext,
 };
+pub use info::{ImageInfo, probe_path, probe_reader};
 pub use read_at::ReadAt;
-pub use target::{Preallocation, Target};
+pub use target::{BlockTarget, FileTarget, Preallocation, Target, open_target};

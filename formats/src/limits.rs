@@ -52,3 +52,36 @@ pub const MAX_BACKING_CHAIN_DEPTH: usize = 16;
 /// Longest text descriptor (VMDK) we read. Real descriptors are well under 4 KiB; QEMU refuses
 /// more than 1 MiB.
 pub const MAX_DESCRIPTOR_BYTES: u64 = 1 << 20;
+
+/// Largest VMDK grain we accept: 2 MiB. VMware and qemu-img always write 64 KiB grains; a
+/// compressed grain is inflated into a buffer of this size, so a bound keeps one grain from
+/// costing more than a few MiB of memory (qemu allows up to 1 GiB, which no tool produces).
+pub const VMDK_MAX_GRAIN_BYTES: u64 = 2 << 20;
+
+/// Largest VMDK grain directory we load, in bytes: 8 MiB. With the standard 64 KiB grains and
+/// 512-entry grain tables one directory entry covers 32 MiB, so 8 MiB of directory covers
+/// `MAX_VIRTUAL_SIZE`; the directory is kept in memory for the life of the image.
+pub const VMDK_MAX_GD_BYTES: u64 = 8 << 20;
+
+/// Most extents a VMDK descriptor may name. A twoGbMaxExtent disk needs one per 2 GiB, so
+/// 4096 covers an 8 TiB split disk; each extent holds an open file, and the bound keeps a
+/// crafted descriptor from exhausting file descriptors.
+pub const VMDK_MAX_EXTENTS: usize = 4096;
+
+/// Pending work a qcow2 stream converter tracks: mappings ahead of the stream position (runs of
+/// data clusters, compressed clusters) and clusters held back waiting for a table. Each costs
+/// about 64 bytes of bookkeeping, so this bounds it to ~32 MiB. A QEMU-written image keeps at
+/// most one L2 table's entries pending (8192 with the default 64 KiB clusters, 262144 with
+/// 2 MiB clusters), because QEMU allocates each L2 table before the data it maps; twice the
+/// largest table leaves room for the few clusters held back around it.
+pub const QCOW2_STREAM_MAX_PENDING: usize = 1 << 19;
+
+/// Allocated L2 tables a qcow2 stream converter remembers from the L1 table (16 bytes each, so
+/// 16 MiB). That covers 512 TiB of guest with the default 64 KiB clusters and 32 GiB with
+/// 512-byte clusters; beyond it, convert from a seekable file.
+pub const QCOW2_STREAM_MAX_L2_TABLES: usize = 1 << 20;
+
+/// Largest VHDX log entry we read to verify its checksum: 32 MiB. Hyper-V and qemu write
+/// entries of a few sectors (qemu's whole default log is 1 MiB); a larger entry is assumed to
+/// be live, so the image is refused as dirty rather than read into memory.
+pub const VHDX_MAX_LOG_ENTRY_BYTES: u64 = 32 << 20;

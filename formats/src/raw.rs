@@ -1,1 +1,203 @@
-//! (being written)
+//! Raw (and ISO) images from a stream: copy the bytes, let the sink find zero blocks.
+//!
+//! A raw stream's size is known only at its end, so the sink is begun with `None` and checks
+//! the target capacity as data arrives. A fixed VHD is a raw disk followed by a 512-byte
+//! footer; the last 512 bytes are therefore held back until the end of the stream and, if a
+//! footer recognizer accepts them, never reach the disk.
+
+use std::io::{self, Read};
+
+use crate::error::{Error, Result};
+use crate::image::{ExtentSink, FormatInfo};
+use crate::limits::IO_CHUNK;
+
+/// Size of a VHD footer.
+pub const VHD_FOOTER_LEN: usize = 512;
+
+/// Recognises a fixed-VHD footer in the last 512 bytes of a stream.
+pub type FooterCheck<'f> = &'f dyn Fn(&[u8; VHD_FOOTER_LEN]) -> Option<FormatInfo>;
+
+/// What a raw stream turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawOutcome {
+    /// Guest bytes written (the disk size).
+    pub len: u64,
+    /// The fixed-VHD footer that ended the stream and was dropped, if any.
+    pub vhd_footer: Option<FormatInfo>,
+}
+
+/// Fill `buf` from `input`; fewer bytes only at the end of the stream.
+pub(crate) fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Copy a raw image from `input` (positioned at byte 0) into `sink`.
+///
+/// `known_len` is the image size when the caller knows it (a local file): the sink can then
+/// refuse a too-small target before anything is written, and checks that exactly that many
+/// bytes arrive. With `footer`, the last 512 bytes are checked with it and dropped when
+/// recognised (only for streams of unknown length; a file's footer is found by its caller).
+pub fn stream(
+    input: &mut dyn Read,
+    sink: &mut dyn ExtentSink,
+    footer: Option<FooterCheck<'_>>,
+    known_len: Option<u64>,
+) -> Result<RawOutcome> {
+    let footer = if known_len.is_some() { None } else { footer };
+    sink.begin(known_len)?;
+    let hold = if footer.is_some() { VHD_FOOTER_LEN } else { 0 };
+    // One chunk plus the held-back tail: chunks stay IO_CHUNK-aligned in guest offsets.
+    let mut buf = vec![0u8; IO_CHUNK + hold];
+    let mut held = 0usize;
+    let mut offset = 0u64;
+    loop {
+        let n = read_full(input, &mut buf[held..])
+            .map_err(|e| Error::io(format!("reading image data at {}", offset + held as u64), e))?;
+        let filled = held + n;
+        if filled < buf.len() {
+            // End of stream: `buf[..filled]` is the rest.
+            let mut vhd_footer = None;
+            let mut data_len = filled;
+            if let Some(check) = footer
+                && filled >= VHD_FOOTER_LEN
+            {
+                let mut tail = [0u8; VHD_FOOTER_LEN];
+                tail.copy_from_slice(&buf[filled - VHD_FOOTER_LEN..filled]);
+                if let Some(info) = check(&tail) {
+                    data_len = filled - VHD_FOOTER_LEN;
+                    let disk = offset + data_len as u64;
+                    if let Some(size) = info.virtual_size
+                        && size != disk
+                    {
+                        return Err(Error::corrupt(format!(
+                            "fixed vhd footer says the disk has {size} bytes but {disk} bytes \
+                             precede it"
+                        )));
+                    }
+                    vhd_footer = Some(info);
+                }
+            }
+            sink.data(offset, &buf[..data_len])?;
+            return Ok(RawOutcome {
+                len: offset + data_len as u64,
+                vhd_footer,
+            });
+        }
+        let emit = filled - hold;
+        sink.data(offset, &buf[..emit])?;
+        offset += emit as u64;
+        buf.copy_within(emit..filled, 0);
+        held = hold;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::ImageFormat;
+
+    /// Records everything a producer sends, for checking byte-exact output.
+    #[derive(Default)]
+    struct Collect {
+        begun: Option<Option<u64>>,
+        bytes: Vec<u8>,
+    }
+
+    impl ExtentSink for Collect {
+        fn begin(&mut self, virtual_size: Option<u64>) -> Result<()> {
+            self.begun = Some(virtual_size);
+            Ok(())
+        }
+        fn data(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+            assert_eq!(offset, self.bytes.len() as u64, "raw data arrives in order");
+            self.bytes.extend_from_slice(buf);
+            Ok(())
+        }
+        fn zero(&mut self, _offset: u64, _len: u64) -> Result<()> {
+            panic!("raw streams report data only; the sink finds zeroes");
+        }
+    }
+
+    fn footer_marker(tail: &[u8; VHD_FOOTER_LEN]) -> Option<FormatInfo> {
+        tail.starts_with(b"conectix").then(|| FormatInfo {
+            format: ImageFormat::Vhd,
+            virtual_size: None,
+            cluster_size: None,
+            subformat: Some("fixed".into()),
+            backing_file: None,
+            streamable: true,
+        })
+    }
+
+    fn image(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 253) as u8).collect()
+    }
+
+    #[test]
+    fn copies_every_byte_for_sizes_around_chunk_edges() {
+        for len in [
+            0,
+            1,
+            511,
+            512,
+            513,
+            IO_CHUNK - 1,
+            IO_CHUNK,
+            IO_CHUNK + 1,
+            2 * IO_CHUNK + 700,
+        ] {
+            let data = image(len);
+            for check in [None, Some(&footer_marker as FooterCheck<'_>)] {
+                let mut sink = Collect::default();
+                let out = stream(&mut &data[..], &mut sink, check, None).unwrap();
+                assert_eq!(out.len, len as u64);
+                assert_eq!(out.vhd_footer, None);
+                assert_eq!(sink.bytes, data, "len {len}");
+                assert_eq!(sink.begun, Some(None));
+            }
+        }
+    }
+
+    #[test]
+    fn fixed_vhd_footer_is_held_back_and_dropped() {
+        for len in [0, 4096, IO_CHUNK - 100, IO_CHUNK, 3 * IO_CHUNK] {
+            let mut data = image(len);
+            let mut footer = [0u8; VHD_FOOTER_LEN];
+            footer[..8].copy_from_slice(b"conectix");
+            data.extend_from_slice(&footer);
+            let mut sink = Collect::default();
+            let out = stream(&mut &data[..], &mut sink, Some(&footer_marker), None).unwrap();
+            assert_eq!(out.len, len as u64);
+            assert_eq!(out.vhd_footer.map(|i| i.format), Some(ImageFormat::Vhd));
+            assert_eq!(sink.bytes, &data[..len]);
+            // Without the check the footer is data like any other.
+            let mut sink = Collect::default();
+            let out = stream(&mut &data[..], &mut sink, None, None).unwrap();
+            assert_eq!(out.len, (len + VHD_FOOTER_LEN) as u64);
+        }
+    }
+
+    #[test]
+    fn footer_size_disagreeing_with_data_is_corrupt() {
+        let mut data = image(8192);
+        data.extend_from_slice(b"conectix");
+        data.resize(8192 + VHD_FOOTER_LEN, 0);
+        let lying = |t: &[u8; VHD_FOOTER_LEN]| {
+            footer_marker(t).map(|mut i| {
+                i.virtual_size = Some(1 << 30);
+                i
+            })
+        };
+        let err = stream(&mut &data[..], &mut Collect::default(), Some(&lying), None).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt);
+    }
+}

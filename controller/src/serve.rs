@@ -1,0 +1,192 @@
+//! `cdi serve`: one process holding the store, the resource API, the controller and its
+//! workers, listening on HTTPS with a bearer token.
+//!
+//! First start lays out the data directory: `cdi.db` (SQLite, WAL), `pki/ca.crt` + `ca.key`,
+//! `pki/server.crt` + `server.key`, `pki/token.key` (upload-token signing key), `admin.token` (0600), `server.url`, `volumes/<claim uid>/`,
+//! `run/<dv uid>/` (termination logs, certs for workers) and `logs/`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cdi_api::client::{ADMIN_TOKEN_FILE, SERVER_URL_FILE};
+
+use crate::api::{self, ApiState};
+use crate::reconcile::{
+    Controller, ControllerConfig, UPLOAD_CLIENT_NAME, UploadTls, write_private,
+};
+use crate::storage::LocalProvisioner;
+use crate::store::{SqliteStore, Store};
+use crate::tls::{self, Ca};
+use crate::upload;
+use crate::worker::ProcessRunner;
+
+/// Token signing key (RSA, PKCS#8; its public half is written beside it).
+pub const TOKEN_KEY_FILE: &str = "pki/token.key";
+/// Admin token length in random bytes (hex-encoded on disk).
+const ADMIN_TOKEN_BYTES: usize = 32;
+
+/// Settings of `cdi serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Listen address (port 0 picks a free port; `server.url` tells clients which).
+    pub listen: SocketAddr,
+    /// Worker restart back-off base.
+    pub backoff_base: Duration,
+}
+
+fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
+    if let Ok(t) = std::fs::read_to_string(path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let bytes = crate::util::random_bytes(ADMIN_TOKEN_BYTES)
+        .context("reading random bytes for the admin token")?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(path, format!("{token}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(token)
+}
+
+fn write_atomic(path: &Path, body: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(tmp, path)
+}
+
+/// Run `cdi serve` until SIGINT/SIGTERM.
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = &opts.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.join("cdi.db")).context("opening the store")?);
+    let block_unavailable = crate::storage::probe_loop_devices(&dir.join("run")).err();
+    if let Some(why) = &block_unavailable {
+        tracing::warn!(reason = %why, "storage class local-block is unavailable");
+    }
+    crate::config::bootstrap(store.as_ref(), block_unavailable.as_deref())
+        .context("creating built-in objects")?;
+    let ca = Arc::new(Ca::load_or_create(&dir.join("pki")).context("loading the CA")?);
+    let token = load_or_create_token(&dir.join(ADMIN_TOKEN_FILE))?;
+
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let ip = addr.ip().to_string();
+    let mut sans = vec!["127.0.0.1", "localhost"];
+    if !sans.contains(&ip.as_str()) {
+        sans.push(ip.as_str());
+    }
+    let server_cert = ca
+        .issue_server(&sans)
+        .context("issuing the server certificate")?;
+    write_private(&dir.join("pki/server.key"), server_cert.key_pem.as_bytes())?;
+    std::fs::write(dir.join("pki/server.crt"), &server_cert.cert_pem)?;
+    let tls_cfg = tls::server_config(&server_cert).map_err(anyhow::Error::msg)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg));
+
+    let issuer = Arc::clone(&ca);
+    let upload = UploadTls {
+        issue_server: Arc::new(move || {
+            issuer
+                .issue_server(&["127.0.0.1", "localhost"])
+                .map(|i| (i.cert_pem, i.key_pem))
+                .map_err(|e| format!("issuing an upload server certificate: {e}"))
+        }),
+        client_ca_pem: ca.cert_pem().to_string(),
+    };
+    // The proxy's client certificate (CN checked by the upload server).
+    let proxy_client = ca
+        .issue_client(UPLOAD_CLIENT_NAME)
+        .context("issuing the upload client certificate")?;
+    let client_tls =
+        upload::proxy_client_tls(ca.cert_pem(), &proxy_client.cert_pem, &proxy_client.key_pem)
+            .map_err(anyhow::Error::msg)
+            .context("building the proxy's TLS client")?;
+    let signer = Arc::new(
+        cdi_token::TokenSigner::load_or_generate(&dir.join(TOKEN_KEY_FILE))
+            .context("loading the token signing key")?,
+    );
+
+    let exe = std::env::current_exe().context("locating the cdi executable")?;
+    let controller = Controller::new(
+        Arc::clone(&store),
+        Arc::new(LocalProvisioner::new(&dir.join("volumes"))?),
+        Arc::new(ProcessRunner::new(exe)),
+        ControllerConfig {
+            data_dir: dir.clone(),
+            backoff_base: opts.backoff_base,
+            upload: Some(upload),
+        },
+    );
+    controller.kill_stale_workers();
+    tokio::spawn(Arc::clone(&controller).run());
+
+    let token = Arc::new(token);
+    let admin = axum::middleware::from_fn_with_state(Arc::clone(&token), api::require_admin);
+    let resources = api::router(Arc::new(ApiState {
+        store: Arc::clone(&store),
+    }))
+    .merge(cdi_apiserver::router(cdi_apiserver::ApiState {
+        signer: Arc::clone(&signer),
+    }))
+    .layer(admin);
+    // The proxy paths authenticate with upload tokens, not the admin token; it also serves
+    // `/healthz`.
+    let proxy = cdi_uploadproxy::router(cdi_uploadproxy::ProxyState {
+        verifier: signer.verifier(),
+        resolver: Arc::new(upload::StoreResolver {
+            store: Arc::clone(&store),
+        }),
+        client_tls: Arc::new(client_tls),
+    });
+    let app = proxy.merge(resources);
+
+    write_atomic(&dir.join(SERVER_URL_FILE), &format!("https://{addr}\n"))?;
+    tracing::info!(%addr, data_dir = %dir.display(), "cdi serve listening");
+    eprintln!(
+        "cdi serve: listening on https://{addr} (data dir {})",
+        dir.display()
+    );
+
+    let accept = async {
+        loop {
+            let (tcp, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = accept => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

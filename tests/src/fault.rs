@@ -1,0 +1,534 @@
+//! A misbehaving HTTP/1.1 file server of our own, for the failure paths real servers never take.
+//!
+//! ```ignore
+//! let server = FaultServer::start(&image_path, FaultPlan {
+//!     drop_at: vec![size * 3 / 10, size * 7 / 10], // cut the connection once at each offset
+//!     ..Default::default()
+//! })?;
+//! server.url("disk.img");        // "http://127.0.0.1:PORT/disk.img" (any path serves the file)
+//! server.requests();             // every request: method, path, headers, status, bytes sent
+//! server.body_bytes_sent();      // total body bytes sent, to count re-fetched bytes
+//! ```
+//!
+//! Behaviour without faults: `GET`/`HEAD` of the one file at any path, `Content-Length`,
+//! `Accept-Ranges: bytes`, an `ETag` and `Last-Modified`, `Range: bytes=a-[b]` → 206,
+//! `If-Range` honoured (a mismatch sends the whole file with 200). Every response closes the
+//! connection. Faults ([`FaultPlan`]) combine:
+//! * `drop_at`: each offset cuts the connection once, the first time a response reaches it;
+//! * `status`: every request is answered with this status and a short text body;
+//! * `trickle`: the body goes out in chunks of `n` bytes with a pause between them;
+//! * `stall_at`: the first response reaching this offset stops sending but keeps the
+//!   connection open (later requests are served normally);
+//! * `content_length_delta`: the announced `Content-Length` is off by this much (the real body
+//!   is sent and the connection closed);
+//! * `ignore_range`: `Range` is ignored (always 200 with the whole file);
+//! * `redirect_to`: every request gets `302 Location: <redirect_to>`;
+//! * `html_error`: every request gets `200 text/html` with an error page;
+//! * `basic_auth`: requests without these credentials get 401.
+//!
+//! Runs on std threads, listens on 127.0.0.1 only, stops when dropped.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+/// What to do wrong. `Default` is a well-behaved server.
+#[derive(Debug, Clone, Default)]
+pub struct FaultPlan {
+    /// Absolute file offsets at which the connection is cut, each once.
+    pub drop_at: Vec<u64>,
+    /// Answer every request with this status.
+    pub status: Option<u16>,
+    /// Send the body in chunks of `.0` bytes, sleeping `.1` between chunks.
+    pub trickle: Option<(usize, Duration)>,
+    /// Stop sending (but keep the connection) at this offset, once.
+    pub stall_at: Option<u64>,
+    /// Added to the true `Content-Length`.
+    pub content_length_delta: i64,
+    /// Ignore `Range` headers.
+    pub ignore_range: bool,
+    /// `302` to this location on every request.
+    pub redirect_to: Option<String>,
+    /// `200 text/html` error page on every request.
+    pub html_error: bool,
+    /// Require these basic-auth credentials.
+    pub basic_auth: Option<(String, String)>,
+}
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct RequestLog {
+    /// `GET`, `HEAD`, …
+    pub method: String,
+    /// Request target.
+    pub path: String,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// Status sent.
+    pub status: u16,
+    /// Body bytes actually written.
+    pub body_bytes: u64,
+}
+
+impl RequestLog {
+    /// First header value named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct Shared {
+    file: PathBuf,
+    len: u64,
+    etag: String,
+    plan: FaultPlan,
+    drops_left: Mutex<Vec<u64>>,
+    log: Mutex<Vec<RequestLog>>,
+    body_bytes: AtomicU64,
+    stop: AtomicBool,
+    stalled: AtomicBool,
+}
+
+/// A running fault server; dropped → stopped.
+pub struct FaultServer {
+    /// `http://127.0.0.1:PORT`.
+    pub base_url: String,
+    /// The port.
+    pub port: u16,
+    shared: Arc<Shared>,
+}
+
+/// How long a stalled response keeps its connection open at most.
+const STALL_LIMIT: Duration = Duration::from_secs(300);
+/// Chunk of file data per write when not trickling.
+const CHUNK: usize = 64 * 1024;
+/// Longest request head we accept (tests only send small requests).
+const MAX_HEAD: usize = 64 * 1024;
+
+impl FaultServer {
+    /// Serve `file` with `plan`.
+    pub fn start(file: &Path, plan: FaultPlan) -> io::Result<FaultServer> {
+        let len = file.metadata()?.len();
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let mut drops = plan.drop_at.clone();
+        drops.sort_unstable();
+        let shared = Arc::new(Shared {
+            file: file.to_path_buf(),
+            len,
+            etag: format!("\"cdi-{len:x}\""),
+            plan,
+            drops_left: Mutex::new(drops),
+            log: Mutex::new(Vec::new()),
+            body_bytes: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+        });
+        let accept_shared = Arc::clone(&shared);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if accept_shared.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let conn_shared = Arc::clone(&accept_shared);
+                thread::spawn(move || {
+                    let _ = handle(stream, &conn_shared);
+                });
+            }
+        });
+        Ok(FaultServer {
+            base_url: format!("http://127.0.0.1:{port}"),
+            port,
+            shared,
+        })
+    }
+
+    /// `base_url/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base_url, path.trim_start_matches('/'))
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<RequestLog> {
+        self.shared
+            .log
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// Total body bytes sent over all responses.
+    pub fn body_bytes_sent(&self) -> u64 {
+        self.shared.body_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Size of the served file.
+    pub fn file_len(&self) -> u64 {
+        self.shared.len
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn handle(stream: TcpStream, s: &Shared) -> io::Result<()> {
+    if s.stop.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut head = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        head.push(line.trim_end().to_string());
+        if head.iter().map(String::len).sum::<usize>() > MAX_HEAD {
+            return Ok(());
+        }
+    }
+    let mut parts = head.first().map(|l| l.split(' ')).into_iter().flatten();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("/").to_string();
+    let headers: Vec<(String, String)> = head
+        .iter()
+        .skip(1)
+        .filter_map(|h| h.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut entry = RequestLog {
+        method: method.clone(),
+        path,
+        headers,
+        status: 0,
+        body_bytes: 0,
+    };
+    let result = respond(stream, s, &mut entry, &method);
+    if let Ok(mut log) = s.log.lock() {
+        log.push(entry);
+    }
+    result
+}
+
+fn simple(
+    stream: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    extra: &str,
+    body: &str,
+) -> io::Result<()> {
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    )
+}
+
+fn respond(
+    mut stream: TcpStream,
+    s: &Shared,
+    entry: &mut RequestLog,
+    method: &str,
+) -> io::Result<()> {
+    let plan = &s.plan;
+    if let Some((user, pass)) = &plan.basic_auth {
+        let expected = format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()));
+        if entry.header("authorization") != Some(expected.as_str()) {
+            entry.status = 401;
+            return simple(
+                &mut stream,
+                401,
+                "Unauthorized",
+                "WWW-Authenticate: Basic realm=\"cdi\"\r\n",
+                "unauthorized\n",
+            );
+        }
+    }
+    if let Some(location) = &plan.redirect_to {
+        entry.status = 302;
+        return simple(
+            &mut stream,
+            302,
+            "Found",
+            &format!("Location: {location}\r\n"),
+            "",
+        );
+    }
+    if let Some(status) = plan.status {
+        entry.status = status;
+        return simple(
+            &mut stream,
+            status,
+            reason(status),
+            "",
+            "injected failure\n",
+        );
+    }
+    if plan.html_error {
+        entry.status = 200;
+        return simple(
+            &mut stream,
+            200,
+            "OK",
+            "Content-Type: text/html\r\n",
+            "<html><body><h1>Error</h1><p>Something went wrong</p></body></html>\n",
+        );
+    }
+    // Range handling.
+    let mut start = 0u64;
+    let mut end = s.len; // exclusive
+    let mut partial = false;
+    let if_range_ok = entry
+        .header("if-range")
+        .is_none_or(|v| v == s.etag || v == LAST_MODIFIED);
+    if let (Some(range), false, true) = (entry.header("range"), plan.ignore_range, if_range_ok)
+        && let Some((a, b)) = range.strip_prefix("bytes=").and_then(|r| r.split_once('-'))
+    {
+        let a: Option<u64> = a.parse().ok();
+        let b: Option<u64> = if b.is_empty() {
+            Some(s.len.saturating_sub(1))
+        } else {
+            b.parse().ok()
+        };
+        match (a, b) {
+            (Some(a), Some(b)) if a < s.len && a <= b => {
+                start = a;
+                end = (b + 1).min(s.len);
+                partial = true;
+            }
+            _ => {
+                entry.status = 416;
+                return simple(
+                    &mut stream,
+                    416,
+                    "Range Not Satisfiable",
+                    &format!("Content-Range: bytes */{}\r\n", s.len),
+                    "",
+                );
+            }
+        }
+    }
+    let announced = ((end - start) as i64 + plan.content_length_delta).max(0);
+    let status = if partial { 206 } else { 200 };
+    entry.status = status;
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Length: {announced}\r\nAccept-Ranges: {}\r\nETag: {}\r\n\
+         Last-Modified: {LAST_MODIFIED}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n",
+        reason(status),
+        if plan.ignore_range { "none" } else { "bytes" },
+        s.etag,
+    );
+    if partial {
+        head.push_str(&format!(
+            "Content-Range: bytes {start}-{}/{}\r\n",
+            end - 1,
+            s.len
+        ));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    if method == "HEAD" {
+        return Ok(());
+    }
+    let mut file = File::open(&s.file)?;
+    file.seek(SeekFrom::Start(start))?;
+    let chunk = plan.trickle.map_or(CHUNK, |(n, _)| n.max(1));
+    let mut buf = vec![0u8; chunk];
+    let mut pos = start;
+    while pos < end {
+        if s.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut want = (end - pos).min(chunk as u64);
+        // Cut at the next pending drop point inside this response.
+        let drop_point = s
+            .drops_left
+            .lock()
+            .ok()
+            .and_then(|d| d.iter().copied().find(|&d| d > pos && d <= end));
+        if let Some(d) = drop_point {
+            want = want.min(d - pos);
+        }
+        if let Some(st) = plan.stall_at
+            && st >= pos
+            && st < end
+            && !s.stalled.load(Ordering::SeqCst)
+        {
+            want = want.min(st - pos);
+            if want == 0 {
+                s.stalled.store(true, Ordering::SeqCst);
+                let mut waited = Duration::ZERO;
+                while waited < STALL_LIMIT && !s.stop.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(100));
+                    waited += Duration::from_millis(100);
+                }
+                return Ok(());
+            }
+        }
+        let n = want as usize;
+        file.read_exact(&mut buf[..n])?;
+        stream.write_all(&buf[..n])?;
+        pos += want;
+        entry.body_bytes += want;
+        s.body_bytes.fetch_add(want, Ordering::SeqCst);
+        if drop_point == Some(pos) {
+            if let Ok(mut d) = s.drops_left.lock() {
+                d.retain(|&x| x != pos);
+            }
+            // Close mid-body: the client sees fewer bytes than Content-Length announced.
+            stream.flush()?;
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
+        if let Some((_, pause)) = plan.trickle {
+            thread::sleep(pause);
+        }
+    }
+    stream.flush()
+}
+
+/// Fixed `Last-Modified` (also accepted as an `If-Range` validator).
+const LAST_MODIFIED: &str = "Wed, 21 Oct 2026 07:28:00 GMT";
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        206 => "Partial Content",
+        302 => "Found",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        416 => "Range Not Satisfiable",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+/// Standard base64 (tests only need it for basic-auth headers).
+pub fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(url: &str, extra: &[&str]) -> (String, Vec<u8>) {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-D", "/dev/stderr"])
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap();
+        (String::from_utf8_lossy(&out.stderr).to_string(), out.stdout)
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+    }
+
+    #[test]
+    fn serves_ranges_and_drops_once() {
+        if !crate::have("curl") {
+            crate::skip("curl is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&file, &data).unwrap();
+        let srv = FaultServer::start(
+            &file,
+            FaultPlan {
+                drop_at: vec![100_000],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (_, body) = get(&srv.url("x"), &[]);
+        assert_eq!(
+            body.len(),
+            100_000,
+            "first response is cut at the drop point"
+        );
+        let (head, body) = get(&srv.url("x"), &["-r", "100000-"]);
+        assert!(head.starts_with("HTTP/1.1 206"), "{head}");
+        assert_eq!(body, &data[100_000..]);
+        assert_eq!(srv.body_bytes_sent(), 300_000);
+        assert_eq!(srv.requests().len(), 2);
+    }
+
+    #[test]
+    fn ignores_range_and_injects_status() {
+        if !crate::have("curl") {
+            crate::skip("curl is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, vec![1u8; 1000]).unwrap();
+        let srv = FaultServer::start(
+            &file,
+            FaultPlan {
+                ignore_range: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (head, body) = get(&srv.url("x"), &["-r", "10-"]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body.len(), 1000);
+        let srv = FaultServer::start(
+            &file,
+            FaultPlan {
+                status: Some(503),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (head, _) = get(&srv.url("x"), &[]);
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    }
+}

@@ -1,0 +1,520 @@
+//! `cdi image-upload`: virtctl's `image-upload` against `cdi serve`.
+//!
+//! ```text
+//!  POST {server}/apis/cdi.kubevirt.io/v1beta1/namespaces/{ns}/datavolumes   (unless --no-create)
+//!  GET  …/datavolumes/{name} until status.phase == UploadReady              (--wait-secs)
+//!  POST {server}/apis/upload.cdi.kubevirt.io/v1beta1/namespaces/{ns}/uploadtokenrequests
+//!  POST {uploadproxy}/v1beta1/upload   Authorization: Bearer <upload token>
+//!       Content-Length, Content-Digest: sha-256=:…:   (progress on stderr)
+//!    connection lost → GET /v1beta1/upload-offset → POST the rest with Upload-Offset: N
+//!  GET  …/datavolumes/{name} until status.phase == Succeeded
+//! ```
+//!
+//! API calls carry the admin token (`--token`, `$CDI_TOKEN` or the data dir of `cdi serve`).
+//! `pvc NAME` also creates a DataVolume (its PVC has the same name): `cdi serve` manages
+//! volumes through DataVolumes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use base64::Engine;
+use cdi_api::client::{ClientConfig, ClientFlags};
+use cdi_pki::ServerTrust;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// Attempts to continue an upload after the connection dropped.
+pub const RESUME_ATTEMPTS: u32 = 5;
+/// Interval between DataVolume phase checks.
+const POLL: Duration = Duration::from_secs(1);
+/// Interval between progress lines.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Read size for hashing and sending the image.
+const CHUNK: usize = 1 << 20;
+
+/// Which object `image-upload` targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetKind {
+    /// A DataVolume.
+    Dv,
+    /// A PVC (created through a DataVolume of the same name).
+    Pvc,
+}
+
+/// `cdi image-upload` flags (virtctl's names).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImageUploadArgs {
+    /// `dv` or `pvc`.
+    kind: Option<TargetKind>,
+    /// Name of the DataVolume/PVC.
+    name: Option<String>,
+    /// Image file to upload.
+    #[arg(long)]
+    image_path: PathBuf,
+    /// Size of the volume to create (e.g. 10Gi).
+    #[arg(long)]
+    size: Option<String>,
+    /// Upload into an existing volume.
+    #[arg(long)]
+    no_create: bool,
+    /// Do not verify the server certificates.
+    #[arg(long)]
+    insecure: bool,
+    /// Upload proxy base URL (default: the server).
+    #[arg(long)]
+    uploadproxy_url: Option<String>,
+    /// Storage class of the new volume.
+    #[arg(long)]
+    storage_class: Option<String>,
+    /// Access mode of the new volume.
+    #[arg(long)]
+    access_mode: Option<String>,
+    /// Volume mode of the new volume (Filesystem or Block).
+    #[arg(long)]
+    volume_mode: Option<String>,
+    /// Seconds to wait for the volume to become ready and to finish.
+    #[arg(long, default_value_t = 300)]
+    wait_secs: u64,
+    /// Bind the volume immediately (WaitForFirstConsumer storage).
+    #[arg(long)]
+    force_bind: bool,
+    /// Namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Legacy: name of a PVC to create.
+    #[arg(long)]
+    pvc_name: Option<String>,
+    /// Legacy: size of that PVC.
+    #[arg(long)]
+    pvc_size: Option<String>,
+    /// Legacy: name of the DataVolume.
+    #[arg(long)]
+    dv_name: Option<String>,
+    /// Server URL of `cdi serve`.
+    #[arg(long)]
+    server: Option<String>,
+    /// Admin token.
+    #[arg(long)]
+    token: Option<String>,
+    /// CA certificate of the server.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Data directory of `cdi serve` (server URL, token and CA are read from it).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl ImageUploadArgs {
+    /// Run the command.
+    pub fn run(self) -> ExitCode {
+        cdi_pki::install_default_provider();
+        let rt = match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match rt.block_on(self.upload()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    fn target(&self) -> anyhow::Result<(String, Option<String>)> {
+        let name = self
+            .name
+            .clone()
+            .or_else(|| self.pvc_name.clone())
+            .or_else(|| self.dv_name.clone())
+            .ok_or_else(|| {
+                anyhow!("name the volume: image-upload dv NAME (or --pvc-name/--dv-name)")
+            })?;
+        let size = self.size.clone().or_else(|| self.pvc_size.clone());
+        if !self.no_create && size.is_none() {
+            bail!("--size is required to create a volume (or pass --no-create)");
+        }
+        Ok((name, if self.no_create { None } else { size }))
+    }
+
+    async fn upload(self) -> anyhow::Result<()> {
+        let (name, create_size) = self.target()?;
+        let cfg = ClientFlags {
+            server: self.server.clone(),
+            token: self.token.clone(),
+            ca_cert: self.ca_cert.clone(),
+            data_dir: self.data_dir.clone(),
+        }
+        .resolve()
+        .map_err(|e| anyhow!(e))?;
+        let http = http_client(&cfg, self.insecure)?;
+        let api = Api {
+            http: http.clone(),
+            cfg: cfg.clone(),
+            ns: self.namespace.clone(),
+        };
+        let file_len = tokio::fs::metadata(&self.image_path)
+            .await
+            .with_context(|| format!("{}", self.image_path.display()))?
+            .len();
+
+        if let Some(size) = &create_size {
+            api.create_dv(&name, size, &self).await?;
+            eprintln!("DataVolume {}/{name} created", self.namespace);
+        }
+        let deadline = Instant::now() + Duration::from_secs(self.wait_secs);
+        api.wait_phase(&name, &["UploadReady"], deadline).await?;
+        eprintln!("computing sha-256 of {}", self.image_path.display());
+        let digest = sha256_file(&self.image_path).await?;
+        let proxy = self
+            .uploadproxy_url
+            .clone()
+            .unwrap_or_else(|| cfg.server.clone());
+        let proxy = proxy.trim_end_matches('/').to_string();
+
+        let mut offset = 0u64;
+        let mut attempt = 0;
+        loop {
+            let token = api.upload_token(&name).await?;
+            match send(
+                &http,
+                &proxy,
+                &token,
+                &self.image_path,
+                offset,
+                file_len,
+                &digest,
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(SendError::Rejected(status, body)) => {
+                    bail!("upload refused: {status}: {}", body.trim())
+                }
+                Err(SendError::Connection(e)) if attempt < RESUME_ATTEMPTS => {
+                    attempt += 1;
+                    eprintln!(
+                        "\nconnection lost ({e}); resuming (attempt {attempt}/{RESUME_ATTEMPTS})"
+                    );
+                    tokio::time::sleep(POLL).await;
+                    offset = query_offset(&http, &proxy, &token).await.unwrap_or(0);
+                    eprintln!("server has {offset} bytes");
+                }
+                Err(SendError::Connection(e)) => bail!("upload failed: {e}"),
+            }
+        }
+        eprintln!("\nupload complete; waiting for processing");
+        api.wait_phase(
+            &name,
+            &["Succeeded"],
+            deadline.max(Instant::now() + Duration::from_secs(self.wait_secs)),
+        )
+        .await?;
+        eprintln!("DataVolume {}/{name} Succeeded", self.namespace);
+        Ok(())
+    }
+}
+
+fn http_client(cfg: &ClientConfig, insecure: bool) -> anyhow::Result<reqwest::Client> {
+    let tls = if insecure {
+        cdi_pki::client_config(ServerTrust::Insecure, None)?
+    } else {
+        let ca = cfg.ca_cert.as_ref().ok_or_else(|| {
+            anyhow!("no CA certificate: pass --ca-cert, --data-dir, or --insecure")
+        })?;
+        let pem = std::fs::read_to_string(ca).with_context(|| format!("{}", ca.display()))?;
+        cdi_pki::client_config(ServerTrust::Ca(&pem), None)?
+    };
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()?)
+}
+
+struct Api {
+    http: reqwest::Client,
+    cfg: ClientConfig,
+    ns: String,
+}
+
+impl Api {
+    fn url(&self, rest: &str) -> String {
+        format!("{}/apis/{rest}", self.cfg.server)
+    }
+
+    async fn create_dv(
+        &self,
+        name: &str,
+        size: &str,
+        args: &ImageUploadArgs,
+    ) -> anyhow::Result<()> {
+        let mut storage = json!({"resources": {"requests": {"storage": size}}});
+        if let Some(sc) = &args.storage_class {
+            storage["storageClassName"] = json!(sc);
+        }
+        if let Some(m) = &args.access_mode {
+            storage["accessModes"] = json!([m]);
+        }
+        if let Some(m) = &args.volume_mode {
+            storage["volumeMode"] = json!(m);
+        }
+        let mut metadata = json!({"name": name, "namespace": self.ns});
+        if args.force_bind {
+            metadata["annotations"] =
+                json!({"cdi.kubevirt.io/storage.bind.immediate.requested": "true"});
+        }
+        let dv = json!({
+            "apiVersion": "cdi.kubevirt.io/v1beta1",
+            "kind": "DataVolume",
+            "metadata": metadata,
+            "spec": {"source": {"upload": {}}, "storage": storage},
+        });
+        let resp = self
+            .http
+            .post(self.url(&format!(
+                "cdi.kubevirt.io/v1beta1/namespaces/{}/datavolumes",
+                self.ns
+            )))
+            .bearer_auth(&self.cfg.token)
+            .json(&dv)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!(
+                "creating DataVolume {name}: {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    async fn phase(&self, name: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .get(self.url(&format!(
+                "cdi.kubevirt.io/v1beta1/namespaces/{}/datavolumes/{name}",
+                self.ns
+            )))
+            .bearer_auth(&self.cfg.token)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!(
+                "reading DataVolume {name}: {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let dv: Value = resp.json().await?;
+        Ok(dv
+            .pointer("/status/phase")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string())
+    }
+
+    async fn wait_phase(&self, name: &str, want: &[&str], deadline: Instant) -> anyhow::Result<()> {
+        loop {
+            let phase = self.phase(name).await?;
+            if want.contains(&phase.as_str()) {
+                return Ok(());
+            }
+            if phase == "Failed" {
+                bail!("DataVolume {name} failed");
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out waiting for DataVolume {name} to reach {want:?} (phase {phase:?})"
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn upload_token(&self, name: &str) -> anyhow::Result<String> {
+        let req = json!({
+            "apiVersion": "upload.cdi.kubevirt.io/v1beta1",
+            "kind": "UploadTokenRequest",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {"pvcName": name},
+        });
+        let resp = self
+            .http
+            .post(self.url(&format!(
+                "upload.cdi.kubevirt.io/v1beta1/namespaces/{}/uploadtokenrequests",
+                self.ns
+            )))
+            .bearer_auth(&self.cfg.token)
+            .json(&req)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            bail!(
+                "requesting upload token: {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let obj: Value = resp.json().await?;
+        obj.pointer("/status/token")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("upload token response has no status.token"))
+    }
+}
+
+async fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(h.finalize())
+    ))
+}
+
+enum SendError {
+    Rejected(reqwest::StatusCode, String),
+    Connection(String),
+}
+
+async fn send(
+    http: &reqwest::Client,
+    proxy: &str,
+    token: &str,
+    path: &std::path::Path,
+    offset: u64,
+    total: u64,
+    digest: &str,
+) -> Result<(), SendError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| SendError::Rejected(reqwest::StatusCode::BAD_REQUEST, e.to_string()))?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(|e| SendError::Rejected(reqwest::StatusCode::BAD_REQUEST, e.to_string()))?;
+    let started = Instant::now();
+    let mut sent = offset;
+    let mut last = Instant::now();
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, CHUNK).inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            sent += c.len() as u64;
+            if last.elapsed() >= PROGRESS_EVERY || sent == total {
+                last = Instant::now();
+                let rate =
+                    (sent - offset) as f64 / started.elapsed().as_secs_f64().max(0.001) / 1048576.0;
+                eprint!(
+                    "\r{} / {} MiB ({:.1}%) {rate:.1} MiB/s   ",
+                    sent >> 20,
+                    total >> 20,
+                    sent as f64 * 100.0 / total.max(1) as f64
+                );
+            }
+        }
+    });
+    let mut req = http
+        .post(format!("{proxy}/v1beta1/upload"))
+        .bearer_auth(token)
+        .header(reqwest::header::CONTENT_LENGTH, total - offset)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .header("Content-Digest", digest)
+        .body(reqwest::Body::wrap_stream(stream));
+    if offset > 0 {
+        req = req.header("Upload-Offset", offset);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| SendError::Connection(e.to_string()))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = resp.text().await.unwrap_or_default();
+    if status == reqwest::StatusCode::INTERNAL_SERVER_ERROR && body.contains("Upload-Offset") {
+        // The upload server saw the body cut (e.g. a proxy in between dropped) and waits.
+        return Err(SendError::Connection(body.trim().to_string()));
+    }
+    Err(SendError::Rejected(status, body))
+}
+
+async fn query_offset(http: &reqwest::Client, proxy: &str, token: &str) -> anyhow::Result<u64> {
+    let resp = http
+        .get(format!("{proxy}/v1beta1/upload-offset"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("offset query: {}", resp.status());
+    }
+    Ok(resp.text().await?.trim().parse()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ImageUploadArgs,
+    }
+
+    #[test]
+    fn virtctl_style_arguments_parse() {
+        let cli = Cli::parse_from([
+            "x",
+            "dv",
+            "disk",
+            "--size",
+            "1Gi",
+            "--image-path",
+            "/i.qcow2",
+            "-n",
+            "ns",
+        ]);
+        let (name, size) = cli.args.target().unwrap();
+        assert_eq!((name.as_str(), size.as_deref()), ("disk", Some("1Gi")));
+    }
+
+    #[test]
+    fn legacy_flags_parse() {
+        let cli = Cli::parse_from([
+            "x",
+            "--pvc-name",
+            "p",
+            "--pvc-size",
+            "2Gi",
+            "--image-path",
+            "/i",
+        ]);
+        assert_eq!(
+            cli.args.target().unwrap(),
+            ("p".to_string(), Some("2Gi".to_string()))
+        );
+    }
+
+    #[test]
+    fn creating_needs_a_size() {
+        let cli = Cli::parse_from(["x", "dv", "disk", "--image-path", "/i"]);
+        assert!(cli.args.target().is_err());
+        let cli = Cli::parse_from(["x", "dv", "disk", "--no-create", "--image-path", "/i"]);
+        assert_eq!(cli.args.target().unwrap(), ("disk".to_string(), None));
+    }
+}
