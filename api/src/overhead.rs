@@ -35,13 +35,13 @@ mod tests {
     #[test]
     fn usable_space_rounds_down_to_mebibytes() {
         assert_eq!(usable_space(0.0, (10 << 20) + 5), 10 << 20);
-        assert_eq!(usable_space(0.06, 1 << 30), 965 << 20);
+        assert_eq!(usable_space(0.06, 1 << 30), 966 << 20);
     }
 
     #[test]
     fn required_space_inflates_aligned_size() {
         assert_eq!(required_space(0.0, 1), 1 << 20);
-        assert_eq!(required_space(0.06, 1 << 30), 1_138_166_006);
+        assert_eq!(required_space(0.06, 1 << 30), 1_138_166_334);
     }
 
     #[test]
