@@ -36,6 +36,7 @@ pub fn stream(
         inner: input,
         pos: 0,
         discard: Vec::new(),
+        pending: None,
     };
     let mut head = [0u8; SECTOR as usize];
     r.read_exact(&mut head, "vmdk header")?;
@@ -82,11 +83,38 @@ struct SeqReader<'a> {
     pos: u64,
     /// Buffer for skipped bytes, allocated on the first skip and reused.
     discard: Vec<u8>,
+    /// A byte read ahead by [`SeqReader::at_eof`].
+    pending: Option<u8>,
 }
 
 impl SeqReader<'_> {
+    /// True when the input has no more bytes. Peeks one byte; a byte that is there is kept
+    /// in `pending` and handed out by the next read.
+    fn at_eof(&mut self) -> Result<bool> {
+        if self.pending.is_some() {
+            return Ok(false);
+        }
+        let mut one = [0u8; 1];
+        loop {
+            match self.inner.read(&mut one) {
+                Ok(0) => return Ok(true),
+                Ok(_) => {
+                    self.pending = Some(one[0]);
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("reading the vmdk stream", e)),
+            }
+        }
+    }
+
     fn read_exact(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
         let mut done = 0;
+        if let (Some(byte), Some(first)) = (self.pending, buf.first_mut()) {
+            *first = byte;
+            self.pending = None;
+            done = 1;
+        }
         while done < buf.len() {
             match self.inner.read(&mut buf[done..]) {
                 Ok(0) => {
@@ -160,8 +188,15 @@ fn stream_optimized(
     let mut out = vec![0u8; grain_len];
     // Everything below `cursor` has been reported to the sink.
     let mut cursor = 0u64;
+    // qemu-img ends streamOptimized files with the footer and no end-of-stream marker, so a
+    // clean end of input right after the footer is a complete image; anywhere else it is a
+    // truncation.
+    let mut footer_seen = false;
     loop {
         let marker_at = r.pos;
+        if footer_seen && r.at_eof()? {
+            break;
+        }
         r.read_exact(
             &mut sector,
             "a vmdk marker (the stream ended before its end-of-stream marker)",
@@ -189,6 +224,7 @@ fn stream_optimized(
                     r.read_exact(&mut sector, "vmdk footer")?;
                     SparseHeader::parse(&sector).map_err(|e| e.context("vmdk footer"))?;
                     r.skip_to(r.pos.saturating_add(body - SECTOR), "vmdk footer")?;
+                    footer_seen = true;
                 }
                 other => {
                     return Err(Error::corrupt(format!(
