@@ -182,7 +182,22 @@ fn stream_optimized(
         .overhead
         .checked_mul(SECTOR)
         .ok_or_else(|| Error::corrupt("vmdk overhead overflows"))?;
-    r.skip_to(start.max(SECTOR), "vmdk metadata before the first grain")?;
+    // qemu-img writes the grain directory and tables at the start (inside the overhead) and
+    // may end the file right after the last grain, without an end-of-stream marker. Learn
+    // from those tables which grain comes last, so such an end can be told from a truncation.
+    let start = start.max(SECTOR);
+    let last_grain = if h.gd_offset != GD_AT_END
+        && h.gd_offset < h.overhead
+        && start - r.pos <= limits::STREAM_MEMORY_BUDGET as u64
+    {
+        let base = r.pos;
+        let mut meta = vec![0u8; usize::try_from(start - base).unwrap_or(0)];
+        r.read_exact(&mut meta, "vmdk grain directory and tables")?;
+        last_allocated_grain(&meta, base, h)?
+    } else {
+        r.skip_to(start, "vmdk metadata before the first grain")?;
+        None
+    };
     let mut sector = [0u8; SECTOR as usize];
     let mut compressed = Vec::new();
     let mut out = vec![0u8; grain_len];
@@ -194,8 +209,16 @@ fn stream_optimized(
     let mut footer_seen = false;
     loop {
         let marker_at = r.pos;
-        if footer_seen && r.at_eof()? {
-            break;
+        if (footer_seen || last_grain.is_some()) && r.at_eof()? {
+            match last_grain {
+                Some(last) if !footer_seen && cursor <= last * grain => {
+                    return Err(Error::truncated(format!(
+                        "vmdk stream ended at byte {marker_at} before the grain at guest byte {}",
+                        last * grain
+                    )));
+                }
+                _ => break,
+            }
         }
         r.read_exact(
             &mut sector,
@@ -280,6 +303,38 @@ fn stream_optimized(
         sink.zero(cursor, capacity - cursor)?;
     }
     Ok(())
+}
+
+/// Index of the last grain the grain tables mark as allocated, from the metadata bytes
+/// `meta` that start at file byte `base`. `None` when nothing is allocated or the tables lie
+/// outside `meta` (then only an end-of-stream marker or footer ends the stream).
+fn last_allocated_grain(meta: &[u8], base: u64, h: &SparseHeader) -> Result<Option<u64>> {
+    let slice = |sector: u64, len: u64| -> Option<&[u8]> {
+        let start = usize::try_from(sector.checked_mul(SECTOR)?.checked_sub(base)?).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        meta.get(start..end)
+    };
+    let Some(gd) = slice(h.gd_offset, h.gd_entries() * 4) else {
+        return Ok(None);
+    };
+    let per_gt = u64::from(h.gtes_per_gt);
+    let mut last = None;
+    for (gd_index, entry) in gd.chunks_exact(4).enumerate() {
+        let gt_sector = u64::from(le32(entry, 0));
+        if gt_sector == 0 {
+            continue;
+        }
+        let Some(gt) = slice(gt_sector, per_gt * 4) else {
+            return Ok(None);
+        };
+        for (gt_index, gte) in gt.chunks_exact(4).enumerate() {
+            // 0 = unallocated, 1 = zero grain (with the zero-grain flag); neither is sent.
+            if le32(gte, 0) > 1 {
+                last = Some(gd_index as u64 * per_gt + gt_index as u64);
+            }
+        }
+    }
+    Ok(last)
 }
 
 /// A run of grains contiguous both in the file and in the guest.
