@@ -13,7 +13,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "build the cdi binary the end-to-end tests run"
 cargo build --locked --bin cdi
-export CDI_BIN="$PWD/target/debug/cdi"
+export CDI_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/cdi"
 
 step "tests (unit, qemu-img interop, real servers, end to end)"
 cargo test --workspace --locked --no-fail-fast
