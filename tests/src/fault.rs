@@ -1,6 +1,6 @@
 //! A misbehaving HTTP/1.1 file server of our own, for the failure paths real servers never take.
 //!
-//! ```ignore
+//! ```text
 //! let server = FaultServer::start(&image_path, FaultPlan {
 //!     drop_at: vec![size * 3 / 10, size * 7 / 10], // cut the connection once at each offset
 //!     ..Default::default()

@@ -1,6 +1,6 @@
 //! nginx-light as the HTTP(S) file server of end-to-end tests.
 //!
-//! ```ignore
+//! ```text
 //! let pki = TestPki::generate(&work.join("pki"))?;
 //! let nginx = Nginx::start(
 //!     NginxOptions {

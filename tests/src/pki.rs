@@ -1,6 +1,6 @@
 //! A throw-away PKI for TLS test servers.
 //!
-//! ```ignore
+//! ```text
 //! let pki = TestPki::generate(&workdir.join("pki"))?;
 //! // pki.ca_cert: PEM CA certificate clients trust (also alone in pki.ca_dir, which is what
 //! //   `IMPORTER_CERT_DIR` / `--cert-dir` / `skopeo --cert-dir` expect)

@@ -1,6 +1,6 @@
 //! qemu-img as the oracle: make fixtures and compare what we wrote with what qemu reads.
 //!
-//! ```ignore
+//! ```text
 //! qemu::create_pattern_raw(&raw, 64 << 20)?;      // data + holes, deterministic
 //! qemu::convert(&raw, "raw", &qcow2, "qcow2")?;   // qemu-img convert -f raw -O qcow2
 //! qemu::assert_same_image(&target, &qcow2);       // qemu-img compare -f raw target vs source

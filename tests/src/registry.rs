@@ -1,7 +1,7 @@
 //! Debian's `docker-registry` (distribution 2.8) over TLS with htpasswd, and images pushed to
 //! it with umoci + skopeo (no Docker engine).
 //!
-//! ```ignore
+//! ```text
 //! let reg = Registry::start(&work.join("reg"), &pki, Some(("user", "pass")))?;
 //! reg.host;                                  // "127.0.0.1:PORT"
 //! reg.push_disk(&qcow2, "kubevirt/disk:v1", &PushOptions::default())?;

@@ -1,6 +1,6 @@
 //! A SigV4-verifying S3 server for tests: moto (PyPI) in a cached virtualenv.
 //!
-//! ```ignore
+//! ```text
 //! let s3 = S3Server::start(&work.join("s3"))?;   // moto_server on 127.0.0.1:PORT
 //! s3.create_bucket("images")?;
 //! s3.put_object("images", "os/disk.qcow2", &path)?;
