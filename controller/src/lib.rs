@@ -23,7 +23,6 @@ pub mod reconcile;
 pub mod serve;
 pub mod storage;
 pub mod store;
-pub mod tls;
 pub mod upload;
 pub mod util;
 pub mod validate;

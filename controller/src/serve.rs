@@ -19,7 +19,6 @@ use crate::reconcile::{
 };
 use crate::storage::LocalProvisioner;
 use crate::store::{SqliteStore, Store};
-use crate::tls::{self, Ca};
 use crate::upload;
 use crate::worker::ProcessRunner;
 
@@ -60,6 +59,9 @@ fn write_atomic(path: &Path, body: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// Subject of the CA `cdi serve` creates in its data directory.
+const CA_COMMON_NAME: &str = "cdi-serve-ca";
+
 /// Run `cdi serve` until SIGINT/SIGTERM.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -73,31 +75,33 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     crate::config::bootstrap(store.as_ref(), block_unavailable.as_deref())
         .context("creating built-in objects")?;
-    let ca = Arc::new(Ca::load_or_create(&dir.join("pki")).context("loading the CA")?);
+    let ca = Arc::new(
+        cdi_pki::Ca::load_or_create(&dir.join("pki"), CA_COMMON_NAME).context("loading the CA")?,
+    );
     let token = load_or_create_token(&dir.join(ADMIN_TOKEN_FILE))?;
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
     let addr = listener.local_addr()?;
-    let ip = addr.ip().to_string();
-    let mut sans = vec!["127.0.0.1", "localhost"];
-    if !sans.contains(&ip.as_str()) {
-        sans.push(ip.as_str());
+    let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    if !ips.contains(&addr.ip()) {
+        ips.push(addr.ip());
     }
     let server_cert = ca
-        .issue_server(&sans)
+        .issue_server(&["localhost"], &ips)
         .context("issuing the server certificate")?;
     write_private(&dir.join("pki/server.key"), server_cert.key_pem.as_bytes())?;
     std::fs::write(dir.join("pki/server.crt"), &server_cert.cert_pem)?;
-    let tls_cfg = tls::server_config(&server_cert).map_err(anyhow::Error::msg)?;
+    let tls_cfg = cdi_pki::server_config(&server_cert, cdi_pki::ClientAuth::None)
+        .context("building the server's TLS configuration")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg));
 
     let issuer = Arc::clone(&ca);
     let upload = UploadTls {
         issue_server: Arc::new(move || {
             issuer
-                .issue_server(&["127.0.0.1", "localhost"])
+                .issue_server(&["localhost"], &[std::net::IpAddr::from([127, 0, 0, 1])])
                 .map(|i| (i.cert_pem, i.key_pem))
                 .map_err(|e| format!("issuing an upload server certificate: {e}"))
         }),
@@ -108,8 +112,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .issue_client(UPLOAD_CLIENT_NAME)
         .context("issuing the upload client certificate")?;
     let client_tls =
-        upload::proxy_client_tls(ca.cert_pem(), &proxy_client.cert_pem, &proxy_client.key_pem)
-            .map_err(anyhow::Error::msg)
+        cdi_pki::client_config(cdi_pki::ServerTrust::Ca(ca.cert_pem()), Some(&proxy_client))
             .context("building the proxy's TLS client")?;
     let signer = Arc::new(
         cdi_token::TokenSigner::load_or_generate(&dir.join(TOKEN_KEY_FILE))
