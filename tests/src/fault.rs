@@ -27,6 +27,17 @@
 //! * `basic_auth`: requests without these credentials get 401.
 //!
 //! Runs on std threads, listens on 127.0.0.1 only, stops when dropped.
+//!
+//! [`FaultProxy`] is the same idea one layer down, for uploads: a TCP relay (TLS passes through
+//! untouched) in front of a real server that cuts a connection once, either in the middle of
+//! what the client sends or just as the answer comes back, and counts the bytes it forwarded:
+//!
+//! ```text
+//! let relay = FaultProxy::start(upstream_port, ProxyFault { cut_request_at: Some(size / 2), ..Default::default() })?;
+//! // point the client at https://127.0.0.1:{relay.port}; afterwards:
+//! relay.bytes_up();    // client → server bytes over all connections (resume vs restart)
+//! relay.cuts();        // faults injected so far
+//! ```
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -407,6 +418,179 @@ fn respond(
     stream.flush()
 }
 
+/// What a [`FaultProxy`] does wrong; each fault fires once, on the first connection that
+/// reaches it. `Default` relays faithfully.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProxyFault {
+    /// Cut the connection after forwarding this many client → server bytes of it.
+    pub cut_request_at: Option<u64>,
+    /// Once a connection has forwarded at least this many client → server bytes, swallow the
+    /// next server → client bytes (the response) and cut it: the request arrived, its answer
+    /// is lost.
+    pub lose_response_after: Option<u64>,
+}
+
+struct RelayShared {
+    upstream: u16,
+    cut_request_at: Mutex<Option<u64>>,
+    lose_response_after: Mutex<Option<u64>>,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    connections: AtomicU64,
+    cuts: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// A running TCP relay on 127.0.0.1 in front of `127.0.0.1:upstream`; dropped → stopped.
+pub struct FaultProxy {
+    /// The port clients connect to.
+    pub port: u16,
+    shared: Arc<RelayShared>,
+}
+
+/// Relay buffer: large enough to keep up with loopback uploads.
+const RELAY_CHUNK: usize = 64 * 1024;
+
+impl FaultProxy {
+    /// Relay connections on a fresh port to `127.0.0.1:upstream`, injecting `fault`.
+    pub fn start(upstream: u16, fault: ProxyFault) -> io::Result<FaultProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let shared = Arc::new(RelayShared {
+            upstream,
+            cut_request_at: Mutex::new(fault.cut_request_at),
+            lose_response_after: Mutex::new(fault.lose_response_after),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            cuts: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let accept_shared = Arc::clone(&shared);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if accept_shared.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = stream else { continue };
+                let conn_shared = Arc::clone(&accept_shared);
+                thread::spawn(move || {
+                    let _ = relay(client, &conn_shared);
+                });
+            }
+        });
+        Ok(FaultProxy { port, shared })
+    }
+
+    /// Client → server bytes forwarded over all connections.
+    pub fn bytes_up(&self) -> u64 {
+        self.shared.bytes_up.load(Ordering::SeqCst)
+    }
+
+    /// Server → client bytes forwarded over all connections.
+    pub fn bytes_down(&self) -> u64 {
+        self.shared.bytes_down.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Faults injected so far.
+    pub fn cuts(&self) -> u64 {
+        self.shared.cuts.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Take a one-shot fault: `Some(at)` the first time, `None` afterwards.
+fn take_if(slot: &Mutex<Option<u64>>, pred: impl FnOnce(u64) -> bool) -> Option<u64> {
+    let mut g = slot.lock().ok()?;
+    match *g {
+        Some(at) if pred(at) => g.take(),
+        _ => None,
+    }
+}
+
+fn relay(client: TcpStream, s: &Arc<RelayShared>) -> io::Result<()> {
+    if s.stop.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    s.connections.fetch_add(1, Ordering::SeqCst);
+    let server = TcpStream::connect(("127.0.0.1", s.upstream))?;
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    // Client → server bytes of this connection, read by the downward half.
+    let up_count = Arc::new(AtomicU64::new(0));
+    // Handles to cut both sides from either half.
+    let ends = Arc::new((client.try_clone()?, server.try_clone()?));
+    let cut = |ends: &(TcpStream, TcpStream)| {
+        let _ = ends.0.shutdown(std::net::Shutdown::Both);
+        let _ = ends.1.shutdown(std::net::Shutdown::Both);
+    };
+
+    let down = {
+        let (mut from, mut to) = (server.try_clone()?, client.try_clone()?);
+        let (s, up_count, ends) = (Arc::clone(s), Arc::clone(&up_count), Arc::clone(&ends));
+        thread::spawn(move || {
+            let mut buf = vec![0u8; RELAY_CHUNK];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let sent_up = up_count.load(Ordering::SeqCst);
+                if take_if(&s.lose_response_after, |at| sent_up >= at).is_some() {
+                    s.cuts.fetch_add(1, Ordering::SeqCst);
+                    cut(&ends);
+                    return;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                s.bytes_down.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        })
+    };
+
+    let (mut from, mut to) = (client, server);
+    let mut buf = vec![0u8; RELAY_CHUNK];
+    let mut conn_up = 0u64;
+    loop {
+        let mut n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let cut_at = take_if(&s.cut_request_at, |at| conn_up + n as u64 >= at);
+        if let Some(at) = cut_at {
+            n = (at - conn_up) as usize;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        conn_up += n as u64;
+        up_count.store(conn_up, Ordering::SeqCst);
+        s.bytes_up.fetch_add(n as u64, Ordering::SeqCst);
+        if cut_at.is_some() {
+            let _ = to.flush();
+            s.cuts.fetch_add(1, Ordering::SeqCst);
+            cut(&ends);
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    let _ = down.join();
+    Ok(())
+}
+
 /// Fixed `Last-Modified` (also accepted as an `If-Range` validator).
 const LAST_MODIFIED: &str = "Wed, 21 Oct 2026 07:28:00 GMT";
 
@@ -498,6 +682,98 @@ mod tests {
         assert_eq!(body, &data[100_000..]);
         assert_eq!(srv.body_bytes_sent(), 300_000);
         assert_eq!(srv.requests().len(), 2);
+    }
+
+    /// An upstream that reads each connection to its end, records the byte count and answers
+    /// "ok".
+    fn sink() -> (u16, Arc<Mutex<Vec<u64>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let log = Arc::clone(&log);
+                thread::spawn(move || {
+                    let mut n = 0u64;
+                    let mut buf = [0u8; 8192];
+                    while let Ok(k) = stream.read(&mut buf) {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k as u64;
+                    }
+                    log.lock().unwrap().push(n);
+                    let _ = stream.write_all(b"ok");
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    /// Send `len` bytes through `port`, half-close, read the answer.
+    fn exchange(port: u16, len: usize) -> Vec<u8> {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = c.write_all(&vec![7u8; len]);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        answer
+    }
+
+    fn wait_for(seen: &Mutex<Vec<u64>>, n: usize) -> Vec<u64> {
+        for _ in 0..200 {
+            let v = seen.lock().unwrap().clone();
+            if v.len() >= n {
+                return v;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("upstream saw {:?}", seen.lock().unwrap());
+    }
+
+    #[test]
+    fn relay_cuts_a_request_once_at_the_offset() {
+        let (upstream, seen) = sink();
+        let relay = FaultProxy::start(
+            upstream,
+            ProxyFault {
+                cut_request_at: Some(30_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(exchange(relay.port, 100_000), b"", "cut: no answer");
+        assert_eq!(wait_for(&seen, 1), vec![30_000]);
+        assert_eq!(
+            exchange(relay.port, 100_000),
+            b"ok",
+            "later connections pass"
+        );
+        assert_eq!(wait_for(&seen, 2), vec![30_000, 100_000]);
+        assert_eq!(relay.cuts(), 1);
+        assert_eq!(relay.connections(), 2);
+        assert_eq!(relay.bytes_up(), 130_000);
+    }
+
+    #[test]
+    fn relay_loses_the_answer_to_a_complete_request() {
+        let (upstream, seen) = sink();
+        let relay = FaultProxy::start(
+            upstream,
+            ProxyFault {
+                lose_response_after: Some(5_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(exchange(relay.port, 1_000), b"ok", "below the threshold");
+        assert_eq!(exchange(relay.port, 8_000), b"", "answer swallowed");
+        assert_eq!(wait_for(&seen, 2), vec![1_000, 8_000], "request arrived");
+        assert_eq!(exchange(relay.port, 8_000), b"ok", "only once");
+        assert_eq!(relay.cuts(), 1);
+        assert_eq!(relay.bytes_down(), 4);
     }
 
     #[test]

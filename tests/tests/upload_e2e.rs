@@ -134,7 +134,7 @@ impl Drop for UploadServer {
 }
 
 struct Proxy {
-    _child: KillOnDrop,
+    child: KillOnDrop,
     port: u16,
 }
 
@@ -165,10 +165,7 @@ impl Proxy {
         }
         let child = KillOnDrop(cmd.spawn().unwrap());
         wait_for_port(port, STARTUP_TIMEOUT).unwrap();
-        Proxy {
-            _child: child,
-            port,
-        }
+        Proxy { child, port }
     }
 
     fn url(&self) -> String {
@@ -255,41 +252,116 @@ fn assert_completed(server: &mut UploadServer) {
     );
 }
 
+/// The headers virtctl's Go client puts on its requests (`net/http` adds `User-Agent` and
+/// `Accept-Encoding`; virtctl sets `Authorization`, and `Content-Type` plus `Content-Length` on
+/// the POST). Go sends no `Expect: 100-continue`, so curl's is switched off.
+fn virtctl_headers(token: &str) -> Vec<String> {
+    vec![
+        bearer(token),
+        "User-Agent: Go-http-client/1.1".into(),
+        "Accept-Encoding: gzip".into(),
+        "Expect:".into(),
+    ]
+}
+
+/// Run curl with `headers` (each as `-H`) before `args`.
+fn curl_with(pki: &Pki, headers: &[String], args: &[&str]) -> (u16, String) {
+    let mut all: Vec<&str> = Vec::new();
+    for h in headers {
+        all.push("-H");
+        all.push(h);
+    }
+    all.extend_from_slice(args);
+    curl(pki, false, &all)
+}
+
 #[test]
-fn upload_sync_raw_through_proxy_like_virtctl() {
+fn upload_virtctl_and_form_request_sequences_replayed_with_curl() {
     if !prerequisites() {
         return;
     }
     let env = env();
     let fx = qemu::fixtures(&env.dir.join("img"), IMAGE_SIZE).unwrap();
-    let mut server = UploadServer::start(&env.pki, &env.dir.join("s1"), "8Mi", &[]);
-    let proxy = Proxy::start(
-        &env.pki,
-        &env.key,
-        &[format!("default/disk={}", server.url())],
-        &env.dir,
-    );
-    // virtctl: probe async support, then POST the body to upload-async.
-    let url = format!("{}/v1beta1/upload", proxy.url());
+    let oracle = env.dir.join("oracle.raw");
+    qemu::convert(&fx.qcow2, "qcow2", &oracle, "raw", &[]).unwrap();
+    let names = ["async", "sync", "alpha", "form", "form-async"];
+    let mut servers: Vec<UploadServer> = names
+        .iter()
+        .map(|n| UploadServer::start(&env.pki, &env.dir.join(n), "8Mi", &[]))
+        .collect();
+    let targets: Vec<String> = names
+        .iter()
+        .zip(&servers)
+        .map(|(n, s)| format!("default/{n}={}", s.url()))
+        .collect();
+    let proxy = Proxy::start(&env.pki, &env.key, &targets, &env.dir);
+    let base = proxy.url();
+    let length = |p: &Path| format!("Content-Length: {}", std::fs::metadata(p).unwrap().len());
+
+    // virtctl image-upload (current): HEAD {proxy}/v1beta1/upload-async with the token; on 200
+    // POST the raw file there; the answer comes once the data is in, the rest in background.
+    let h = virtctl_headers(&token(&env, "default", "async"));
+    let async_url = format!("{base}/v1beta1/upload-async");
+    let (code, body) = curl_with(&env.pki, &h, &["-I", &async_url]);
+    assert_eq!(code, 200, "async probe: {body}");
     let data = format!("@{}", fx.raw.display());
-    let (code, body) = curl(
+    let mut post = h.clone();
+    post.push("Content-Type: application/octet-stream".into());
+    post.push(length(&fx.raw));
+    let (code, body) = curl_with(&env.pki, &post, &["--data-binary", &data, &async_url]);
+    assert_eq!(code, 200, "async upload: {body}");
+
+    // A proxy without the async path makes virtctl fall back to the synchronous
+    // {proxy}/v1beta1/upload, which answers after conversion.
+    let mut post = virtctl_headers(&token(&env, "default", "sync"));
+    post.push("Content-Type: application/octet-stream".into());
+    post.push(length(&fx.qcow2));
+    let data = format!("@{}", fx.qcow2.display());
+    let (code, body) = curl_with(
         &env.pki,
-        false,
-        &[
-            "-X",
-            "POST",
-            "-H",
-            &bearer(&token(&env, "default", "disk")),
-            "-H",
-            "Content-Type: application/octet-stream",
-            "--data-binary",
-            &data,
-            &url,
-        ],
+        &post,
+        &["--data-binary", &data, &format!("{base}/v1beta1/upload")],
     );
-    assert_eq!(code, 200, "{body}");
-    assert_completed(&mut server);
-    qemu::assert_same_image(&server.disk(), &fx.raw);
+    assert_eq!(code, 200, "sync upload: {body}");
+
+    // Older virtctl releases: the same on /v1alpha1/.
+    let h = virtctl_headers(&token(&env, "default", "alpha"));
+    let alpha_url = format!("{base}/v1alpha1/upload-async");
+    assert_eq!(curl_with(&env.pki, &h, &["-I", &alpha_url]).0, 200);
+    let mut post = h.clone();
+    post.push("Content-Type: application/octet-stream".into());
+    post.push(length(&fx.qcow2_gz));
+    let data = format!("@{}", fx.qcow2_gz.display());
+    let (code, body) = curl_with(&env.pki, &post, &["--data-binary", &data, &alpha_url]);
+    assert_eq!(code, 200, "v1alpha1 upload: {body}");
+
+    // A browser page (the web console): multipart/form-data with the image in part "file",
+    // sync and async, from another origin.
+    for (name, path, file) in [
+        ("form", "upload-form", &fx.qcow2_gz),
+        ("form-async", "upload-form-async", &fx.raw),
+    ] {
+        let h = vec![
+            bearer(&token(&env, "default", name)),
+            "Origin: https://console.example".into(),
+        ];
+        let part = format!("file=@{};type=application/octet-stream", file.display());
+        let (code, body) = curl_with(
+            &env.pki,
+            &h,
+            &["-F", &part, &format!("{base}/v1beta1/{path}")],
+        );
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+
+    for (name, server) in names.iter().zip(servers.iter_mut()) {
+        assert_completed(server);
+        let source = match *name {
+            "async" | "form-async" => &fx.raw,
+            _ => &oracle,
+        };
+        qemu::assert_same_image(&server.disk(), source);
+    }
 }
 
 #[test]
@@ -439,6 +511,11 @@ fn upload_tokens_are_checked_by_the_proxy() {
     let (code, body) = post(Some(bearer(&token(&env, "default", "other"))));
     assert_eq!(code, 503, "token for another volume: {body}");
     assert!(body.contains("doesn&#39;t exist"), "{body}");
+    let (code, body) = post(Some(bearer(&token(&env, "elsewhere", "disk"))));
+    assert_eq!(
+        code, 503,
+        "token for that name in another namespace: {body}"
+    );
     let (code, body) = post(Some(bearer(&token(
         &env,
         "default",
@@ -449,6 +526,25 @@ fn upload_tokens_are_checked_by_the_proxy() {
         body.contains("&lt;script&gt;") && !body.contains("<script>"),
         "{body}"
     );
+    // A refused client that is already streaming a large body (no `Expect: 100-continue`, like
+    // virtctl) gets the status and the reason, and the proxy does not wait for the body.
+    let big = env.dir.join("big.raw");
+    std::fs::write(&big, vec![0x5a_u8; 48 << 20]).unwrap();
+    let big_arg = big.to_str().unwrap().to_string();
+    for (auth, want) in [
+        (bearer(&forged), 401),
+        (bearer(&token(&env, "default", "other")), 503),
+    ] {
+        let (code, body) = curl(
+            &env.pki,
+            false,
+            &[
+                "-H", &auth, "-H", "Expect:", "-T", &big_arg, "-X", "POST", &url,
+            ],
+        );
+        assert_eq!(code, want, "large body refused: {body}");
+        assert!(!body.is_empty(), "the refusal carries its reason");
+    }
     // None of that reached the upload server.
     assert!(server.running());
     assert!(!server.disk().exists());
@@ -536,6 +632,27 @@ fn upload_busy_server_answers_503_and_too_large_image_400() {
     std::thread::sleep(Duration::from_millis(1500));
     let (code, body) = curl(&env.pki, true, &["-X", "POST", "--data-binary", "x", &url]);
     assert_eq!(code, 503, "{body}");
+    // The same through the proxy, with a body large enough that curl is still sending when
+    // the answer comes.
+    let proxy = Proxy::start(
+        &env.pki,
+        &env.key,
+        &[format!("default/disk={}", server.url())],
+        &env.dir,
+    );
+    let (code, body) = curl(
+        &env.pki,
+        false,
+        &[
+            "-H",
+            &bearer(&token(&env, "default", "disk")),
+            "--data-binary",
+            &format!("@{}", fx.raw.display()),
+            &format!("{}/v1beta1/upload", proxy.url()),
+        ],
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("an upload is already in progress"), "{body}");
     let _ = slow.kill();
     let _ = slow.wait();
     assert!(server.running());
@@ -676,6 +793,81 @@ fn wait_offset(pki: &Pki, url: &str, headers: &[String], client_cert: bool, want
 }
 
 #[test]
+fn upload_completed_server_answers_409_until_it_exits() {
+    if !prerequisites() {
+        return;
+    }
+    let env = env();
+    let fx = qemu::fixtures(&env.dir.join("img"), IMAGE_SIZE).unwrap();
+    // A longer grace than the default second, so the checks below fit on a busy machine.
+    let mut server = UploadServer::start(
+        &env.pki,
+        &env.dir.join("s1"),
+        "8Mi",
+        &[("CDI_UPLOAD_COMPLETED_GRACE_MS", "6000")],
+    );
+    let proxy = Proxy::start(
+        &env.pki,
+        &env.key,
+        &[format!("default/disk={}", server.url())],
+        &env.dir,
+    );
+    let auth = bearer(&token(&env, "default", "disk"));
+    let upload = format!("{}/v1beta1/upload", proxy.url());
+    let data = format!("@{}", fx.raw.display());
+    let (code, body) = curl(
+        &env.pki,
+        false,
+        &["-H", &auth, "--data-binary", &data, &upload],
+    );
+    assert_eq!(code, 200, "{body}");
+    let done = Instant::now();
+    // Completion is reported at once, while the server still answers.
+    let msg = std::fs::read_to_string(server.dir.join("termination-log")).unwrap_or_default();
+    assert!(
+        msg.contains("\"message\":\"Upload Complete\""),
+        "termination message written before the exit: {msg:?}"
+    );
+    assert!(server.running(), "the server answers for a grace period");
+
+    // A client whose 200 was lost retries, or asks where to resume: 409, through the proxy
+    // and directly.
+    let offset = format!("{}/v1beta1/upload-offset", proxy.url());
+    let direct_upload = format!("{}/v1beta1/upload-async", server.url());
+    let direct_offset = format!("{}/v1beta1/upload-offset", server.url());
+    let answers = [
+        curl(
+            &env.pki,
+            false,
+            &["-H", &auth, "--data-binary", &data, &upload],
+        ),
+        curl(&env.pki, false, &["-H", &auth, &offset]),
+        curl(&env.pki, true, &["--data-binary", "more", &direct_upload]),
+        curl(&env.pki, true, &[&direct_offset]),
+    ];
+    assert!(
+        done.elapsed() < Duration::from_secs(6),
+        "checks took longer than the grace; the answers below may be from a dead server"
+    );
+    for (i, (code, body)) in answers.iter().enumerate() {
+        assert_eq!(*code, 409, "request {i}: {body}");
+    }
+    for (i, (_, body)) in answers.iter().enumerate() {
+        assert!(
+            body.contains("upload already completed"),
+            "request {i}: {body}"
+        );
+    }
+    assert_completed(&mut server);
+    let lingered = done.elapsed();
+    assert!(
+        lingered >= Duration::from_secs(5),
+        "exited {lingered:?} after success, before the grace"
+    );
+    qemu::assert_same_image(&server.disk(), &fx.raw);
+}
+
+#[test]
 fn upload_cut_at_half_then_retried_from_zero() {
     if !prerequisites() {
         return;
@@ -799,15 +991,27 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Size of each concurrent upload: more than [`PEAK_RSS_LIMIT_KIB`], so a proxy or server that
+/// held an image (or a large part of it) in memory would break the limit.
+const CONCURRENT_IMAGE: u64 = 80 << 20;
+/// The memory target per process (proxy and each upload server), from the product principles.
+const PEAK_RSS_LIMIT_KIB: u64 = 64 << 10;
+
 #[test]
-fn upload_ten_concurrent_volumes_report_peak_rss() {
+fn upload_ten_concurrent_volumes_with_bounded_memory() {
     if !prerequisites() {
         return;
     }
     let env = env();
-    let fx = qemu::fixtures(&env.dir.join("img"), IMAGE_SIZE).unwrap();
+    // Dense data (no holes to skip): every byte crosses the proxy and lands on disk.
+    let src = env.dir.join("dense.raw");
+    let out = Command::new("head")
+        .args(["-c", &CONCURRENT_IMAGE.to_string(), "/dev/urandom"])
+        .output()
+        .unwrap();
+    std::fs::write(&src, out.stdout).unwrap();
     let mut servers: Vec<UploadServer> = (0..10)
-        .map(|i| UploadServer::start(&env.pki, &env.dir.join(format!("s{i}")), "8Mi", &[]))
+        .map(|i| UploadServer::start(&env.pki, &env.dir.join(format!("s{i}")), "80Mi", &[]))
         .collect();
     let targets: Vec<String> = servers
         .iter()
@@ -815,20 +1019,18 @@ fn upload_ten_concurrent_volumes_report_peak_rss() {
         .map(|(i, s)| format!("default/v{i}={}", s.url()))
         .collect();
     let proxy = Proxy::start(&env.pki, &env.key, &targets, &env.dir);
-    let pids: Vec<u32> = servers.iter().map(|s| s.child.id()).collect();
+    // Sample VmHWM (peak RSS) of the proxy (index 0) and the servers while they live.
+    let mut pids: Vec<u32> = vec![proxy.child.0.id()];
+    pids.extend(servers.iter().map(|s| s.child.id()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_sampling = stop.clone();
     let sampler = std::thread::spawn(move || {
         let mut peak = vec![0u64; pids.len()];
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let mut alive = false;
+        while !stop_sampling.load(std::sync::atomic::Ordering::SeqCst) {
             for (i, pid) in pids.iter().enumerate() {
                 if let Some(kib) = peak_rss_kib(*pid) {
-                    alive = true;
                     peak[i] = peak[i].max(kib);
                 }
-            }
-            if !alive {
-                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -840,12 +1042,8 @@ fn upload_ten_concurrent_volumes_report_peak_rss() {
             Command::new("curl")
                 .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
                 .arg(env.pki.p("ca.crt"))
-                .args([
-                    "-H",
-                    &bearer(&tok),
-                    "--data-binary",
-                    &format!("@{}", fx.qcow2_gz.display()),
-                ])
+                .args(["-H", &bearer(&tok), "-X", "POST", "-T"])
+                .arg(&src)
                 .arg(format!("{}/v1beta1/upload", proxy.url()))
                 .stdout(Stdio::piped())
                 .spawn()
@@ -856,18 +1054,39 @@ fn upload_ten_concurrent_volumes_report_peak_rss() {
         let out = u.wait_with_output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
     }
-    let oracle = env.dir.join("oracle.raw");
-    qemu::convert(&fx.qcow2, "qcow2", &oracle, "raw", &[]).unwrap();
     for s in &mut servers {
         assert_completed(s);
-        qemu::assert_same_image(&s.disk(), &oracle);
     }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let peak = sampler.join().unwrap();
-    println!("peak RSS of the 10 upload servers (KiB): {peak:?}");
+    println!(
+        "peak RSS (KiB) of the proxy: {}, of the 10 upload servers: {:?}",
+        peak[0],
+        &peak[1..]
+    );
+    assert!(
+        peak.iter().all(|&kib| kib > 0),
+        "every process was sampled: {peak:?}"
+    );
+    for (i, kib) in peak.iter().enumerate() {
+        let who = if i == 0 {
+            "proxy".to_string()
+        } else {
+            format!("upload server {}", i - 1)
+        };
+        assert!(
+            *kib <= PEAK_RSS_LIMIT_KIB,
+            "{who} peaked at {kib} KiB with ten {} MiB uploads in flight",
+            CONCURRENT_IMAGE >> 20
+        );
+    }
+    for s in &servers {
+        qemu::assert_same_image(&s.disk(), &src);
+    }
 }
 
 #[test]
-fn upload_sparse_4gib_raw_stays_sparse() {
+fn upload_sparse_4gib_raw_through_proxy_stays_sparse() {
     if !prerequisites() {
         return;
     }
@@ -894,15 +1113,27 @@ fn upload_sparse_4gib_raw_stays_sparse() {
         .status()
         .unwrap();
     let mut server = UploadServer::start(&env.pki, &env.dir.join("s1"), "4Gi", &[]);
-    let url = format!("{}/v1beta1/upload", server.url());
-    let data = format!("@{}", src.display());
+    let proxy = Proxy::start(
+        &env.pki,
+        &env.key,
+        &[format!("default/big={}", server.url())],
+        &env.dir,
+    );
+    let url = format!("{}/v1beta1/upload", proxy.url());
     // -T streams from disk (curl's --data-binary would load 4 GiB into memory).
     let (code, body) = curl(
         &env.pki,
-        true,
-        &["-X", "POST", "-T", &src.display().to_string(), &url],
+        false,
+        &[
+            "-H",
+            &bearer(&token(&env, "default", "big")),
+            "-X",
+            "POST",
+            "-T",
+            &src.display().to_string(),
+            &url,
+        ],
     );
-    let _ = data;
     assert_eq!(code, 200, "{body}");
     assert_completed(&mut server);
     use std::os::unix::fs::MetadataExt;

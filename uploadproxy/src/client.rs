@@ -6,7 +6,10 @@
 //!  POST {server}/apis/upload.cdi.kubevirt.io/v1beta1/namespaces/{ns}/uploadtokenrequests
 //!  POST {uploadproxy}/v1beta1/upload   Authorization: Bearer <upload token>
 //!       Content-Length, Content-Digest: sha-256=:…:   (progress on stderr)
-//!    connection lost → GET /v1beta1/upload-offset → POST the rest with Upload-Offset: N
+//!    connection lost → GET /v1beta1/upload-offset (again while 503: the server has not
+//!                      seen the cut yet) → POST the rest with Upload-Offset: N
+//!                      409 / 503 "already finished uploading" after the whole body went
+//!                      out: the answer was lost, the upload is complete
 //!  GET  …/datavolumes/{name} until status.phase == Succeeded
 //! ```
 //!
@@ -31,6 +34,16 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 pub const RESUME_ATTEMPTS: u32 = 5;
 /// Interval between DataVolume phase checks.
 const POLL: Duration = Duration::from_secs(1);
+/// After a drop, how long the offset is asked for while the answer is "busy": the server only
+/// notices the cut when its side of the connection fails, which may take a moment behind a
+/// proxy (and a restarted proxy needs a moment to come back).
+const OFFSET_WAIT: Duration = Duration::from_secs(30);
+/// Interval between offset queries while waiting.
+const OFFSET_POLL: Duration = Duration::from_millis(250);
+/// The upload server's 409 text once the image is complete (`cdi-uploadserver`).
+const SERVER_COMPLETED: &str = "upload already completed";
+/// The proxy's 503 text for a volume whose upload succeeded (upstream's wording, [`crate`]).
+const PROXY_COMPLETED: &str = "already finished uploading";
 /// Interval between progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Read size for hashing and sending the image.
@@ -181,6 +194,9 @@ impl ImageUploadArgs {
 
         let mut offset = 0u64;
         let mut attempt = 0;
+        // Whether an earlier attempt handed every byte to the connection: only then can an
+        // "already completed" answer be about this upload (its 200 was lost).
+        let mut sent_everything = false;
         loop {
             let token = api.upload_token(&name).await?;
             match send(
@@ -195,19 +211,40 @@ impl ImageUploadArgs {
             .await
             {
                 Ok(()) => break,
+                Err(SendError::Rejected(status, body)) if already_completed(status, &body) => {
+                    accept_completion(sent_everything, status, &body)?;
+                    break;
+                }
                 Err(SendError::Rejected(status, body)) => {
                     bail!("upload refused: {status}: {}", body.trim())
                 }
-                Err(SendError::Connection(e)) if attempt < RESUME_ATTEMPTS => {
+                Err(SendError::Connection { error, all_sent }) if attempt < RESUME_ATTEMPTS => {
                     attempt += 1;
+                    sent_everything |= all_sent;
                     eprintln!(
-                        "\nconnection lost ({e}); resuming (attempt {attempt}/{RESUME_ATTEMPTS})"
+                        "\nconnection lost ({error}); resuming (attempt {attempt}/{RESUME_ATTEMPTS})"
                     );
-                    tokio::time::sleep(POLL).await;
-                    offset = query_offset(&http, &proxy, &token).await.unwrap_or(0);
-                    eprintln!("server has {offset} bytes");
+                    match resume_point(&http, &proxy, &token).await {
+                        Ok(ResumePoint::At(n)) if n <= file_len => {
+                            offset = n;
+                            eprintln!("server has {offset} bytes; sending the rest");
+                        }
+                        Ok(ResumePoint::At(n)) => {
+                            bail!("server reports {n} bytes received of a {file_len}-byte image")
+                        }
+                        Ok(ResumePoint::Completed(status, body)) => {
+                            accept_completion(sent_everything, status, &body)?;
+                            break;
+                        }
+                        Err(e) => {
+                            // An upload server without the offset protocol (upstream's), or
+                            // one that gave up waiting: start over, as virtctl would.
+                            eprintln!("cannot resume ({e:#}); starting over");
+                            offset = 0;
+                        }
+                    }
                 }
-                Err(SendError::Connection(e)) => bail!("upload failed: {e}"),
+                Err(SendError::Connection { error, .. }) => bail!("upload failed: {error}"),
             }
         }
         eprintln!("\nupload complete; waiting for processing");
@@ -388,8 +425,37 @@ async fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 enum SendError {
+    /// The server answered with this status and text.
     Rejected(reqwest::StatusCode, String),
-    Connection(String),
+    /// The exchange broke off; `all_sent` when every byte of the body had been handed over.
+    Connection { error: String, all_sent: bool },
+}
+
+/// Whether an answer says the volume's upload is already complete: the upload server's 409
+/// or, once the control plane has seen the server exit, the proxy's 503.
+fn already_completed(status: reqwest::StatusCode, body: &str) -> bool {
+    (status == reqwest::StatusCode::CONFLICT && body.contains(SERVER_COMPLETED))
+        || (status == reqwest::StatusCode::SERVICE_UNAVAILABLE && body.contains(PROXY_COMPLETED))
+}
+
+/// An "already completed" answer is success only when this client sent the whole image
+/// before the connection dropped (its 200 was lost); otherwise someone else filled the volume.
+fn accept_completion(
+    sent_everything: bool,
+    status: reqwest::StatusCode,
+    body: &str,
+) -> anyhow::Result<()> {
+    if !sent_everything {
+        bail!(
+            "the volume was completed by another upload: {status}: {}",
+            body.trim()
+        );
+    }
+    eprintln!(
+        "the server already has the whole image (its answer was lost): {status}: {}",
+        body.trim()
+    );
+    Ok(())
 }
 
 async fn send(
@@ -410,9 +476,12 @@ async fn send(
     let started = Instant::now();
     let mut sent = offset;
     let mut last = Instant::now();
+    let handed_over = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(offset));
+    let counter = handed_over.clone();
     let stream = tokio_util::io::ReaderStream::with_capacity(file, CHUNK).inspect(move |chunk| {
         if let Ok(c) = chunk {
             sent += c.len() as u64;
+            counter.store(sent, std::sync::atomic::Ordering::Relaxed);
             if last.elapsed() >= PROGRESS_EVERY || sent == total {
                 last = Instant::now();
                 let rate =
@@ -436,10 +505,11 @@ async fn send(
     if offset > 0 {
         req = req.header("Upload-Offset", offset);
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| SendError::Connection(e.to_string()))?;
+    let all_sent = || handed_over.load(std::sync::atomic::Ordering::Relaxed) == total;
+    let resp = req.send().await.map_err(|e| SendError::Connection {
+        error: error_chain(&e),
+        all_sent: all_sent(),
+    })?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());
@@ -447,21 +517,90 @@ async fn send(
     let body = resp.text().await.unwrap_or_default();
     if status == reqwest::StatusCode::INTERNAL_SERVER_ERROR && body.contains("Upload-Offset") {
         // The upload server saw the body cut (e.g. a proxy in between dropped) and waits.
-        return Err(SendError::Connection(body.trim().to_string()));
+        return Err(SendError::Connection {
+            error: body.trim().to_string(),
+            all_sent: false,
+        });
     }
     Err(SendError::Rejected(status, body))
 }
 
-async fn query_offset(http: &reqwest::Client, proxy: &str, token: &str) -> anyhow::Result<u64> {
-    let resp = http
-        .get(format!("{proxy}/v1beta1/upload-offset"))
-        .bearer_auth(token)
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!("offset query: {}", resp.status());
+/// `error: cause: cause`, as reqwest hides the interesting part in the sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
     }
-    Ok(resp.text().await?.trim().parse()?)
+    text
+}
+
+/// Where to continue after a drop.
+#[derive(Debug, PartialEq, Eq)]
+enum ResumePoint {
+    /// The server holds this many bytes of the body and waits for the rest.
+    At(u64),
+    /// The upload is already complete (status and text of the answer).
+    Completed(reqwest::StatusCode, String),
+}
+
+/// Ask for the offset, again while the answer is "busy" or the proxy cannot reach the server
+/// (for at most [`OFFSET_WAIT`]).
+async fn resume_point(
+    http: &reqwest::Client,
+    proxy: &str,
+    token: &str,
+) -> anyhow::Result<ResumePoint> {
+    let deadline = Instant::now() + OFFSET_WAIT;
+    loop {
+        let last = match http
+            .get(format!("{proxy}/v1beta1/upload-offset"))
+            .bearer_auth(token)
+            .send()
+            .await
+        {
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                if let Some(point) = classify_offset_answer(status, &body)? {
+                    return Ok(point);
+                }
+                format!("{status}: {}", body.trim())
+            }
+            Err(e) => error_chain(&e),
+        };
+        if Instant::now() + OFFSET_POLL > deadline {
+            bail!("offset query: {last}");
+        }
+        tokio::time::sleep(OFFSET_POLL).await;
+    }
+}
+
+/// The meaning of an offset-query answer: a resume point, `None` to ask again (busy, or the
+/// proxy cannot reach the server), or an error.
+fn classify_offset_answer(
+    status: reqwest::StatusCode,
+    body: &str,
+) -> anyhow::Result<Option<ResumePoint>> {
+    if status.is_success() {
+        let n = body
+            .trim()
+            .parse()
+            .with_context(|| format!("offset query answered {:?}", body.trim()))?;
+        return Ok(Some(ResumePoint::At(n)));
+    }
+    if already_completed(status, body) {
+        return Ok(Some(ResumePoint::Completed(
+            status,
+            body.trim().to_string(),
+        )));
+    }
+    match status {
+        reqwest::StatusCode::SERVICE_UNAVAILABLE | reqwest::StatusCode::BAD_GATEWAY => Ok(None),
+        _ => bail!("offset query: {status}: {}", body.trim()),
+    }
 }
 
 #[cfg(test)]
@@ -508,6 +647,46 @@ mod tests {
             cli.args.target().unwrap(),
             ("p".to_string(), Some("2Gi".to_string()))
         );
+    }
+
+    #[test]
+    fn offset_answers_are_classified() {
+        use reqwest::StatusCode as S;
+        assert_eq!(
+            classify_offset_answer(S::OK, "4096\n").unwrap(),
+            Some(ResumePoint::At(4096))
+        );
+        assert_eq!(
+            classify_offset_answer(S::SERVICE_UNAVAILABLE, "an upload is already in progress")
+                .unwrap(),
+            None,
+            "busy: the server has not seen the cut yet"
+        );
+        assert!(matches!(
+            classify_offset_answer(S::CONFLICT, "upload already completed").unwrap(),
+            Some(ResumePoint::Completed(S::CONFLICT, _))
+        ));
+        assert!(matches!(
+            classify_offset_answer(
+                S::SERVICE_UNAVAILABLE,
+                "rejecting Upload Request for PVC default/d that already finished uploading"
+            )
+            .unwrap(),
+            Some(ResumePoint::Completed(S::SERVICE_UNAVAILABLE, _))
+        ));
+        assert!(classify_offset_answer(S::NOT_FOUND, "").is_err());
+        assert!(classify_offset_answer(S::OK, "lots").is_err());
+    }
+
+    #[test]
+    fn completion_counts_only_after_the_whole_body_went_out() {
+        let s = reqwest::StatusCode::CONFLICT;
+        assert!(accept_completion(true, s, SERVER_COMPLETED).is_ok());
+        assert!(accept_completion(false, s, SERVER_COMPLETED).is_err());
+        assert!(!already_completed(
+            s,
+            "upload offset mismatch: server has 4 bytes"
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use cdi_api::env;
 use cdi_api::termination::{DEADLINE_PASSED, TerminationMessage, failure_line};
 use cdi_pki::{CertPair, ClientAuth};
 
-use crate::server::{Outcome, RESUME_WINDOW, Settings, UploadServer};
+use crate::server::{COMPLETED_GRACE, Outcome, RESUME_WINDOW, Settings, UploadServer};
 
 /// Upstream's client name for uploads through the proxy.
 pub const DEFAULT_CLIENT_NAME: &str = "client.upload-server.cdi.kubevirt.io";
@@ -82,6 +82,10 @@ pub struct Args {
     /// Seconds an interrupted upload may be resumed (tests shorten it).
     #[arg(long, env = "CDI_UPLOAD_RESUME_WINDOW_SECS", hide = true)]
     resume_window_secs: Option<u64>,
+    /// Milliseconds the server keeps answering 409 after success before it exits (tests
+    /// lengthen it on busy machines; a supervisor that reads the termination log may set 0).
+    #[arg(long, env = "CDI_UPLOAD_COMPLETED_GRACE_MS", hide = true)]
+    completed_grace_ms: Option<u64>,
 }
 
 fn non_empty(v: &Option<String>) -> Option<&str> {
@@ -99,8 +103,10 @@ impl Args {
             Ok(rt) => rt,
             Err(e) => return fail(&termination_log, &format!("starting runtime: {e}")),
         };
-        match runtime.block_on(self.serve()) {
+        match runtime.block_on(self.serve(&termination_log)) {
             Ok(Outcome::Completed(msg)) => {
+                // Normally written already when the completion grace started; writing the same
+                // line again covers a shutdown that came first (deadline).
                 write_termination(&termination_log, &msg.to_line());
                 ExitCode::SUCCESS
             }
@@ -157,7 +163,7 @@ impl Args {
         })
     }
 
-    async fn serve(self) -> anyhow::Result<Outcome> {
+    async fn serve(self, termination_log: &Path) -> anyhow::Result<Outcome> {
         cdi_pki::install_default_provider();
         let settings = self.settings()?;
         let deadline = non_empty(&self.deadline).map(parse_deadline).transpose()?;
@@ -188,24 +194,40 @@ impl Args {
             listener.local_addr()?,
             settings.destination.display()
         );
+        let grace = self
+            .completed_grace_ms
+            .map_or(COMPLETED_GRACE, Duration::from_millis);
         let server = UploadServer::new(settings);
         let router = server.router();
         let mut outcome = server.outcome();
         let srv = server.clone();
+        let log = termination_log.to_path_buf();
         let shutdown = async move {
-            let finished = outcome.wait_for(|o| *o != Outcome::Running);
+            let finished = async move {
+                let end = outcome
+                    .wait_for(|o| *o != Outcome::Running)
+                    .await
+                    .map(|o| o.clone());
+                if let Ok(Outcome::Completed(msg)) = end {
+                    // Report success at once, then keep answering 409 for a moment (see
+                    // COMPLETED_GRACE). Failures end the server immediately, like upstream.
+                    write_termination(&log, &msg.to_line());
+                    tracing::info!(?grace, "upload complete; answering 409 until exit");
+                    tokio::time::sleep(grace).await;
+                }
+            };
             match deadline {
                 Some(at) => {
                     let wait = at
                         .duration_since(SystemTime::now())
                         .unwrap_or(Duration::ZERO);
                     tokio::select! {
-                        _ = finished => {}
+                        () = finished => {}
                         () = tokio::time::sleep(wait) => srv.close().await,
                     }
                 }
                 None => {
-                    let _ = finished.await;
+                    finished.await;
                 }
             }
         };

@@ -24,8 +24,10 @@
 //!   byte is received and decoded, finishing in the background. Failures: 400 for capacity
 //!   ([`server::CAPACITY_MESSAGE`]), 500 otherwise; partial data is removed and the server is
 //!   idle again so the client can retry.
-//! * Success: exit 0 after the response is sent, with `{"preallocationApplied":…,"message":
-//!   "Upload Complete"}` in the termination log. Deadline: exit 0 with `deadlinePassed`.
+//! * Success: `{"preallocationApplied":…,"message":"Upload Complete"}` goes to the termination
+//!   log at once; the server keeps answering 409 for [`server::COMPLETED_GRACE`] (so a client
+//!   whose 200 was lost learns that its upload is done) and then exits 0. Deadline: exit 0
+//!   with `deadlinePassed`.
 //!   Background (async) failure: exit 1 with the failure line.
 //!
 //! Beyond upstream:
@@ -34,7 +36,8 @@
 //!   verified before success; a mismatch is a 400 and the data is removed ([`digest`]).
 //! * **Resume.** When a raw body is cut, the conversion waits (blocked on the feed) for
 //!   [`server::RESUME_WINDOW`]. `GET|HEAD /v1beta1/upload-offset` answers
-//!   `Upload-Offset: N` (bytes received); `POST /v1beta1/upload[-async]` with
+//!   `Upload-Offset: N` (bytes received; 503 while a request is still feeding, 409 "upload
+//!   already completed" once done); `POST /v1beta1/upload[-async]` with
 //!   `Upload-Offset: N` sends the rest. A POST without the header starts over from zero; a
 //!   wrong offset is 409 with the right one in `Upload-Offset` ([`state`]).
 //! * Archive (`/v1beta1/upload-archive`): a tar stream (optionally compressed) unpacked into

@@ -38,9 +38,21 @@ use crate::state::{Admission, PhaseKind, admit, offset_query};
 /// enough that a client that gave up does not block the volume for long.
 pub const RESUME_WINDOW: Duration = Duration::from_secs(5 * 60);
 
-/// After the converter refused an image mid-body, the rest of the body is read and discarded
-/// for at most this long before the error is sent: HTTP/1.1 clients that are still sending
-/// often miss an answer that arrives before they finish (the connection is reset under them).
+/// After a successful upload the server keeps answering (409 "upload already completed") for
+/// this long before it exits. A client whose 200 was lost (the connection dropped after the
+/// image was complete) reconnects at once and asks for the offset: it should learn that its
+/// upload is done, not meet a refused connection it cannot tell from a crash. Half a second
+/// covers an immediate reconnect (token request, TLS to the proxy and on to this server) on
+/// the local or cluster network. It is kept short because a supervisor that waits for the
+/// exit (the embedded controller, the kubelet) sees the completion this much later; the
+/// termination message is written when the grace starts, for one that reads it earlier. A
+/// client that comes later gets the proxy's 503 "already finished uploading" instead.
+pub const COMPLETED_GRACE: Duration = Duration::from_millis(500);
+
+/// After the converter refused an image mid-body, or a request was refused before its body
+/// was read (409 done, 503 busy, bad headers), the rest of the body is read and discarded for
+/// at most this long before the error is sent: HTTP/1.1 clients that are still sending often
+/// miss an answer that arrives before they finish (the connection is reset under them).
 /// Bounded so a huge upload does not have to be received in full just to be refused.
 pub const EARLY_ERROR_DRAIN: Duration = Duration::from_secs(5);
 
@@ -334,8 +346,11 @@ impl UploadServer {
         if !self.authorized(&req) {
             return text(StatusCode::UNAUTHORIZED, "client certificate required");
         }
-        let (status, offset) = offset_query(self.lock().phase.kind());
-        with_offset(text(status, offset.to_string()), offset)
+        let answer = offset_query(self.lock().phase.kind());
+        match answer {
+            Ok(offset) => with_offset(text(StatusCode::OK, offset.to_string()), offset),
+            Err((status, reason)) => text(status, reason),
+        }
     }
 
     async fn handle(self: Arc<Self>, endpoint: Endpoint, req: Request) -> Response {
@@ -350,38 +365,16 @@ impl UploadServer {
             return text(StatusCode::UNAUTHORIZED, "client certificate required");
         }
         let headers = req.headers().clone();
-        if let Some(ct) = headers.get(CDI_CONTENT_TYPE).and_then(|v| v.to_str().ok())
-            && ct.ends_with("-clone")
-        {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("{CDI_CONTENT_TYPE} {ct:?} is not supported"),
-            );
-        }
-        let requested = match headers.get(UPLOAD_OFFSET) {
-            None => None,
-            Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
-                Some(n) => Some(n),
-                None => {
-                    return text(
-                        StatusCode::BAD_REQUEST,
-                        "Upload-Offset must be a byte count",
-                    );
-                }
-            },
-        };
-        let expected = match headers.get(CONTENT_DIGEST).map(|v| v.to_str()) {
-            None => None,
-            Some(Ok(v)) => match digest::parse_content_digest(v) {
-                Ok(d) => Some(d),
-                Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
-            },
-            Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "Content-Digest is not ASCII"),
-        };
+        let checked = upload_headers(&headers);
         let body = req.into_body();
         let task = tokio::spawn(async move {
-            self.process(endpoint, headers, body, requested, expected)
-                .await
+            match checked {
+                Ok((requested, expected)) => {
+                    self.process(endpoint, headers, body, requested, expected)
+                        .await
+                }
+                Err((status, message)) => refuse(body, text(status, message)).await,
+            }
         });
         task.await.unwrap_or_else(|e| {
             text(
@@ -399,37 +392,42 @@ impl UploadServer {
         requested: Option<u64>,
         expected: Option<ExpectedDigest>,
     ) -> Response {
-        let (admission, held) = {
+        let admitted = {
             let mut g = self.lock();
             let admission = admit(g.phase.kind(), requested, endpoint.resumable());
-            let held = match &admission {
+            match &admission {
                 Admission::Reject {
                     status,
                     message,
                     offset,
                 } => {
                     let resp = text(*status, message.clone());
-                    return match offset {
+                    Err(match offset {
                         Some(o) => with_offset(resp, *o),
                         None => resp,
-                    };
+                    })
                 }
-                Admission::Start => None,
+                Admission::Start => {
+                    g.phase = Phase::Receiving;
+                    Ok((admission, None))
+                }
                 Admission::Resume | Admission::Restart => {
                     match std::mem::replace(&mut g.phase, Phase::Receiving) {
-                        Phase::Interrupted(s) => Some(s),
+                        Phase::Interrupted(s) => Ok((admission, Some(s))),
                         other => {
                             g.phase = other;
-                            return text(
+                            Err(text(
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "upload state changed; retry",
-                            );
+                            ))
                         }
                     }
                 }
-            };
-            g.phase = Phase::Receiving;
-            (admission, held)
+            }
+        };
+        let (admission, held) = match admitted {
+            Ok(a) => a,
+            Err(resp) => return refuse(body, resp).await,
         };
 
         let session = match (admission, held) {
@@ -705,6 +703,60 @@ impl UploadServer {
     }
 }
 
+/// The upload headers of an authorized request: `Upload-Offset` and `Content-Digest`, after
+/// refusing upstream's clone switch.
+fn upload_headers(
+    headers: &HeaderMap,
+) -> Result<(Option<u64>, Option<ExpectedDigest>), (StatusCode, String)> {
+    if let Some(ct) = headers.get(CDI_CONTENT_TYPE).and_then(|v| v.to_str().ok())
+        && ct.ends_with("-clone")
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("{CDI_CONTENT_TYPE} {ct:?} is not supported"),
+        ));
+    }
+    let requested = match headers.get(UPLOAD_OFFSET) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(n) => Some(n),
+            None => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "Upload-Offset must be a byte count".into(),
+                ));
+            }
+        },
+    };
+    let expected = match headers.get(CONTENT_DIGEST).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => match digest::parse_content_digest(v) {
+            Ok(d) => Some(d),
+            Err(e) => return Err((StatusCode::BAD_REQUEST, e.to_string())),
+        },
+        Some(Err(_)) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "Content-Digest is not ASCII".into(),
+            ));
+        }
+    };
+    Ok((requested, expected))
+}
+
+/// Answer a refused upload request after reading (and dropping) its body for at most
+/// [`EARLY_ERROR_DRAIN`]: a client that is still sending, or a proxy that already told its
+/// client to go on (`100 Continue`), would otherwise see the connection reset instead of the
+/// status (409 after completion, 503 while busy).
+async fn refuse(body: Body, resp: Response) -> Response {
+    let mut stream = body.into_data_stream();
+    let _ = tokio::time::timeout(EARLY_ERROR_DRAIN, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+    resp
+}
+
 fn flatten(
     res: Result<Result<ConvertReport, cdi_formats::Error>, tokio::task::JoinError>,
 ) -> Result<ConvertReport, cdi_formats::Error> {
@@ -848,6 +900,67 @@ mod tests {
     fn corrupt_image_is_500() {
         let err = cdi_formats::Error::corrupt("bad l1 table");
         assert_eq!(failure_response(&err).0, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn upload_headers_are_checked_before_the_body() {
+        assert_eq!(upload_headers(&HeaderMap::new()).unwrap(), (None, None));
+        let (offset, digest) = upload_headers(&headers(&[
+            (UPLOAD_OFFSET, " 42 "),
+            (
+                CONTENT_DIGEST,
+                "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(offset, Some(42));
+        assert!(digest.is_some());
+        let refused = |h: HeaderMap| upload_headers(&h).unwrap_err().0;
+        assert_eq!(
+            refused(headers(&[(UPLOAD_OFFSET, "-1")])),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refused(headers(&[(CONTENT_DIGEST, "md5=:abc:")])),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refused(headers(&[(CDI_CONTENT_TYPE, "filesystem-clone")])),
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_reads_the_body_first() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(4);
+        let body = Body::from_stream(stream_of(rx));
+        tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+        let sender = tokio::spawn(async move {
+            // The refusal must keep reading while the client sends.
+            for _ in 0..16 {
+                if tx.send(Ok(Bytes::from_static(b"more"))).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        });
+        let resp = refuse(body, text(StatusCode::CONFLICT, "done")).await;
+        assert_eq!(resp.status(), StatusCode::CONFLICT);
+        assert!(sender.await.unwrap(), "every chunk was consumed");
+    }
+
+    fn stream_of(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, io::Error>>,
+    ) -> impl futures::Stream<Item = Result<Bytes, io::Error>> {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 
     #[test]

@@ -15,6 +15,12 @@
 
 use axum::http::StatusCode;
 
+/// The 409 text once the image is complete (clients match it to tell a lost 200 from a
+/// conflicting offset).
+pub const COMPLETED: &str = "upload already completed";
+/// The 503 text while an upload runs.
+pub const BUSY: &str = "an upload is already in progress";
+
 /// The state as admission sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PhaseKind {
@@ -74,12 +80,10 @@ pub fn admit(phase: PhaseKind, requested: Option<u64>, resumable: bool) -> Admis
         );
     }
     match phase {
-        PhaseKind::Done => reject(StatusCode::CONFLICT, "upload already completed", None),
-        PhaseKind::Receiving | PhaseKind::Finishing => reject(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "an upload is already in progress",
-            None,
-        ),
+        PhaseKind::Done => reject(StatusCode::CONFLICT, COMPLETED, None),
+        PhaseKind::Receiving | PhaseKind::Finishing => {
+            reject(StatusCode::SERVICE_UNAVAILABLE, BUSY, None)
+        }
         PhaseKind::Closing => reject(
             StatusCode::SERVICE_UNAVAILABLE,
             "upload server is shutting down",
@@ -105,15 +109,18 @@ pub fn admit(phase: PhaseKind, requested: Option<u64>, resumable: bool) -> Admis
     }
 }
 
-/// Answer to an offset query (`GET`/`HEAD /v1beta1/upload-offset`): status and offset.
-pub fn offset_query(phase: PhaseKind) -> (StatusCode, u64) {
+/// Answer to an offset query (`GET`/`HEAD /v1beta1/upload-offset`): the offset to resume
+/// at, or a status and reason why there is none.
+pub fn offset_query(phase: PhaseKind) -> Result<u64, (StatusCode, &'static str)> {
     match phase {
-        PhaseKind::Idle => (StatusCode::OK, 0),
-        PhaseKind::Interrupted { offset } => (StatusCode::OK, offset),
-        PhaseKind::Receiving | PhaseKind::Finishing | PhaseKind::Closing => {
-            (StatusCode::SERVICE_UNAVAILABLE, 0)
-        }
-        PhaseKind::Done => (StatusCode::CONFLICT, 0),
+        PhaseKind::Idle => Ok(0),
+        PhaseKind::Interrupted { offset } => Ok(offset),
+        PhaseKind::Receiving | PhaseKind::Finishing => Err((StatusCode::SERVICE_UNAVAILABLE, BUSY)),
+        PhaseKind::Closing => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upload server is shutting down",
+        )),
+        PhaseKind::Done => Err((StatusCode::CONFLICT, COMPLETED)),
     }
 }
 
@@ -200,10 +207,15 @@ mod tests {
 
     #[test]
     fn offset_query_reports_interrupted_offset() {
+        assert_eq!(offset_query(PhaseKind::Interrupted { offset: 7 }), Ok(7));
+        assert_eq!(offset_query(PhaseKind::Idle), Ok(0));
         assert_eq!(
-            offset_query(PhaseKind::Interrupted { offset: 7 }),
-            (StatusCode::OK, 7)
+            offset_query(PhaseKind::Done),
+            Err((StatusCode::CONFLICT, COMPLETED))
         );
-        assert_eq!(offset_query(PhaseKind::Done).0, StatusCode::CONFLICT);
+        assert_eq!(
+            offset_query(PhaseKind::Receiving).unwrap_err().0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }
