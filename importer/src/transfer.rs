@@ -25,13 +25,15 @@ use crate::error::{ErrorKind, ImportError, Result};
 use crate::progress::Progress;
 use crate::source::{ByteSource, Opened};
 
-/// Attempts to continue a broken transfer before failing (each waits a backoff first). Enough
+/// Attempts to continue a broken transfer before failing (all but the first wait a backoff). Enough
 /// for a flaky link, few enough that a dead server fails within minutes.
 pub const MAX_RESUME_ATTEMPTS: u32 = 8;
 /// A continuation that delivered this much forgives earlier failures, so a long transfer over
 /// a link that drops now and then is not failed by the sum of unrelated drops.
 pub const FAILURE_RESET_BYTES: u64 = 64 << 20;
-/// First backoff; doubled per consecutive failure.
+/// Backoff before the second consecutive attempt; doubled per further failure. The first
+/// attempt after a drop is immediate: a lone dropped connection (a proxy or load balancer
+/// recycling it) is the common case, and the server is usually fine.
 pub const RETRY_BACKOFF_START: Duration = Duration::from_secs(1);
 /// Backoff cap.
 pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -68,7 +70,10 @@ impl Default for TransferLimits {
 
 impl TransferLimits {
     fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        if attempt <= 1 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32 << attempt.saturating_sub(2).min(16);
         self.backoff_start
             .saturating_mul(factor)
             .min(self.backoff_max)
@@ -556,9 +561,9 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_the_cap() {
         let l = TransferLimits::default();
-        assert_eq!(l.backoff(1), Duration::from_secs(1));
-        assert_eq!(l.backoff(2), Duration::from_secs(2));
-        assert_eq!(l.backoff(3), Duration::from_secs(4));
+        assert_eq!(l.backoff(1), Duration::ZERO);
+        assert_eq!(l.backoff(2), Duration::from_secs(1));
+        assert_eq!(l.backoff(3), Duration::from_secs(2));
         assert_eq!(l.backoff(20), RETRY_BACKOFF_MAX);
     }
 }
