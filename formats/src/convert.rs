@@ -8,6 +8,10 @@
 //!                        └─ everything else ─► convert_reader ───────────────────────┤
 //!                                                              TargetSink ─► Target ◄┘
 //! ```
+//!
+//! The sink is pipelined: target writes run on a writer thread (the `pipeline` module) while
+//! this thread reads, parses and detects zeroes, and [`TargetSink::finish`] waits for the last
+//! write before the target is sized and synced.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -20,7 +24,7 @@ use serde::Serialize;
 
 use crate::detect::{self, Compression, ImageFormat, Sniffed};
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{BackingPolicy, DiskImage, ExtentSink, OpenOptions, StreamContext};
+use crate::image::{BackingPolicy, DiskImage, OpenOptions, StreamContext};
 use crate::limits::{DETECT_HEAD_LEN, IO_CHUNK, ZERO_DETECT_BLOCK};
 use crate::open::{CountingReadAt, CountingReader, copy_image, open_image};
 use crate::raw::{self, VHD_FOOTER_LEN};
@@ -104,18 +108,20 @@ fn convert_stream(
     let from_tar = layers.from_tar;
 
     target.set_preallocation(opts.preallocation);
-    let mut sink = TargetSink::new(&mut *target, opts.target_size)?;
     // Only the outermost bytes have the file's length.
     let known_len = input_len.filter(|_| compression.is_empty() && !from_tar);
-    let done = convert_layers(
-        layers.format,
-        &layers.head,
-        layers.reader,
-        &mut sink,
-        opts,
-        known_len,
-    )?;
-    let totals = sink.finish()?;
+    let (done, totals) = std::thread::scope(|scope| {
+        let mut sink = TargetSink::pipelined(scope, &mut *target, opts.target_size)?;
+        let done = convert_layers(
+            layers.format,
+            &layers.head,
+            layers.reader,
+            &mut sink,
+            opts,
+            known_len,
+        )?;
+        Ok::<_, Error>((done, sink.finish()?))
+    })?;
     let virtual_size = totals.virtual_size.unwrap_or(done.raw_len);
     let target_size = finish_target(target, opts, virtual_size)?;
     Ok(ConvertReport {
@@ -206,9 +212,11 @@ pub fn convert_path(
         }
     };
     target.set_preallocation(opts.preallocation);
-    let mut sink = TargetSink::new(&mut *target, opts.target_size)?;
-    copy_image(image.as_mut(), &mut sink)?;
-    let totals = sink.finish()?;
+    let totals = std::thread::scope(|scope| {
+        let mut sink = TargetSink::pipelined(scope, &mut *target, opts.target_size)?;
+        copy_image(image.as_mut(), &mut sink)?;
+        sink.finish()
+    })?;
     let virtual_size = image.virtual_size();
     let target_size = finish_target(target, opts, virtual_size)?;
     Ok(ConvertReport {
@@ -329,7 +337,7 @@ fn drain(reader: &mut dyn Read) -> Result<()> {
 fn spool_and_copy(
     format: ImageFormat,
     reader: &mut dyn Read,
-    sink: &mut dyn ExtentSink,
+    sink: &mut TargetSink<'_>,
     opts: &ConvertOptions,
 ) -> Result<u64> {
     let Some(dir) = opts.scratch_dir.as_deref() else {

@@ -68,6 +68,20 @@ pub trait ExtentSink {
 
     /// The guest range reads as zeroes.
     fn zero(&mut self, offset: u64, len: u64) -> Result<()>;
+
+    /// A buffer to read guest bytes into and pass back through [`ExtentSink::data_buffer`];
+    /// stale contents, any length (callers resize it). A sink that owns write buffers lends
+    /// one, so the bytes reach the target without the copy [`ExtentSink::data`] makes; the
+    /// default hands out a fresh one.
+    fn take_buffer(&mut self) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+
+    /// [`ExtentSink::data`] for a buffer from [`ExtentSink::take_buffer`]: `buf[..len]` holds
+    /// the guest bytes at `offset`.
+    fn data_buffer(&mut self, offset: u64, buf: Vec<u8>, len: usize) -> Result<()> {
+        self.data(offset, &buf[..len.min(buf.len())])
+    }
 }
 
 /// Whether a format reader may open files an image names (qcow2/vmdk backing files).

@@ -15,11 +15,13 @@
 //!           ├─ qcow2 / vmdk-stream ─────► stream converter (one pass; spill) ──┤
 //!           └─ vhd / vhdx / vdi / vmdk ─► spool to scratch ─► DiskImage ───────┤
 //!                                                                            ▼
-//!                                                  ExtentSink ─► Target (file | block device)
+//!                               TargetSink (checks, zero detection) ─► writer thread ─► Target
+//!                                                                      (file | block device)
 //! ```
 //!
 //! The crate is synchronous (`std::io`), has no async runtime and no Kubernetes types; async
-//! callers run it on a blocking thread.
+//! callers run it on a blocking thread. A conversion starts one scoped writer thread of its own
+//! (`pipeline`), so reading and writing overlap; it ends before the conversion returns.
 
 pub mod convert;
 pub mod decompress;
@@ -29,12 +31,15 @@ pub mod image;
 pub mod info;
 pub mod limits;
 pub mod open;
+mod pipeline;
 pub mod qcow2;
 pub mod raw;
 pub mod read_at;
 pub mod sink;
 pub mod spill;
 pub mod target;
+#[cfg(test)]
+mod testutil;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;

@@ -85,3 +85,14 @@ pub const QCOW2_STREAM_MAX_L2_TABLES: usize = 1 << 20;
 /// entries of a few sectors (qemu's whole default log is 1 MiB); a larger entry is assumed to
 /// be live, so the image is refused as dirty rather than read into memory.
 pub const VHDX_MAX_LOG_ENTRY_BYTES: u64 = 32 << 20;
+
+/// Buffers of [`IO_CHUNK`] bytes between a conversion and its writer thread
+/// (the `pipeline` module). Two keep both cores busy (one being filled, one being written); four
+/// absorb the uneven pace of a converter (a table read, a compressed cluster) at 4 MiB of
+/// memory, well inside the 64 MiB RSS target.
+pub const PIPELINE_BUFFERS: usize = 4;
+
+/// Operations one pipeline batch may carry. A run of tiny writes or zero ranges (a sparse image
+/// seen through 4 KiB zero detection) goes out in batches of this many, which bounds the
+/// bookkeeping (about 32 bytes each, so 128 KiB per batch) while keeping channel traffic low.
+pub const PIPELINE_BATCH_ITEMS: usize = 4096;

@@ -56,7 +56,6 @@ pub fn probe_format(format: ImageFormat, head: &[u8]) -> Result<Option<FormatInf
 pub fn copy_image(image: &mut dyn DiskImage, sink: &mut dyn ExtentSink) -> Result<()> {
     let size = image.virtual_size();
     sink.begin(Some(size))?;
-    let mut buf = Vec::new();
     let mut offset = 0u64;
     while offset < size {
         let extent = image.extent(offset, size - offset)?;
@@ -70,16 +69,17 @@ pub fn copy_image(image: &mut dyn DiskImage, sink: &mut dyn ExtentSink) -> Resul
         match extent.kind {
             ExtentKind::Zero => sink.zero(offset, len)?,
             ExtentKind::Data => {
-                if buf.is_empty() {
-                    // Allocated lazily: an all-zero image never needs the buffer.
-                    buf = vec![0u8; IO_CHUNK];
-                }
                 let end = offset + len;
                 let mut pos = offset;
                 while pos < end {
                     let n = usize::try_from(end - pos).unwrap_or(IO_CHUNK).min(IO_CHUNK);
+                    // The sink's own buffer when it lends one: read straight into it.
+                    let mut buf = sink.take_buffer()?;
+                    if buf.len() < n {
+                        buf.resize(n, 0);
+                    }
                     image.read_exact_at(&mut buf[..n], pos)?;
-                    sink.data(pos, &buf[..n])?;
+                    sink.data_buffer(pos, buf, n)?;
                     pos += n as u64;
                 }
             }

@@ -48,29 +48,30 @@ pub(crate) fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> io::Result<usiz
 /// recognised (only for streams of unknown length; a file's footer is found by its caller).
 pub fn stream(
     input: &mut dyn Read,
-    sink: &mut dyn ExtentSink,
+    out: &mut dyn ExtentSink,
     footer: Option<FooterCheck<'_>>,
     known_len: Option<u64>,
 ) -> Result<RawOutcome> {
     let footer = if known_len.is_some() { None } else { footer };
-    sink.begin(known_len)?;
+    out.begin(known_len)?;
     let hold = if footer.is_some() { VHD_FOOTER_LEN } else { 0 };
     // One chunk plus the held-back tail: chunks stay IO_CHUNK-aligned in guest offsets.
-    let mut buf = vec![0u8; IO_CHUNK + hold];
+    let cap = IO_CHUNK + hold;
+    let mut buf = sized(out.take_buffer()?, cap);
+    let mut tail = [0u8; VHD_FOOTER_LEN];
     let mut held = 0usize;
     let mut offset = 0u64;
     loop {
-        let n = read_full(input, &mut buf[held..])
+        let n = read_full(input, &mut buf[held..cap])
             .map_err(|e| Error::io(format!("reading image data at {}", offset + held as u64), e))?;
         let filled = held + n;
-        if filled < buf.len() {
+        if filled < cap {
             // End of stream: `buf[..filled]` is the rest.
             let mut vhd_footer = None;
             let mut data_len = filled;
             if let Some(check) = footer
                 && filled >= VHD_FOOTER_LEN
             {
-                let mut tail = [0u8; VHD_FOOTER_LEN];
                 tail.copy_from_slice(&buf[filled - VHD_FOOTER_LEN..filled]);
                 if let Some(info) = check(&tail) {
                     data_len = filled - VHD_FOOTER_LEN;
@@ -86,18 +87,29 @@ pub fn stream(
                     vhd_footer = Some(info);
                 }
             }
-            sink.data(offset, &buf[..data_len])?;
+            out.data_buffer(offset, buf, data_len)?;
             return Ok(RawOutcome {
                 len: offset + data_len as u64,
                 vhd_footer,
             });
         }
         let emit = filled - hold;
-        sink.data(offset, &buf[..emit])?;
+        // The held-back tail moves to the front of the next buffer.
+        tail[..hold].copy_from_slice(&buf[emit..filled]);
+        out.data_buffer(offset, buf, emit)?;
         offset += emit as u64;
-        buf.copy_within(emit..filled, 0);
+        buf = sized(out.take_buffer()?, cap);
+        buf[..hold].copy_from_slice(&tail[..hold]);
         held = hold;
     }
+}
+
+/// `buf` with at least `len` bytes.
+fn sized(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    buf
 }
 
 #[cfg(test)]
@@ -183,6 +195,62 @@ mod tests {
             let mut sink = Collect::default();
             let out = stream(&mut &data[..], &mut sink, None, None).unwrap();
             assert_eq!(out.len, (len + VHD_FOOTER_LEN) as u64);
+        }
+    }
+
+    #[test]
+    fn lent_buffers_give_the_same_disk_as_copies() {
+        use crate::sink::TargetSink;
+        use crate::target::{FileTarget, Target};
+        let dir = tempfile::tempdir().unwrap();
+        for len in [
+            0,
+            700,
+            IO_CHUNK - 1,
+            IO_CHUNK,
+            IO_CHUNK + 1,
+            3 * IO_CHUNK + 4096,
+        ] {
+            let mut data = image(len);
+            // A zero stretch across a chunk edge.
+            let z = len.min(IO_CHUNK + 8192);
+            data[len.min(IO_CHUNK - 8192)..z].fill(0);
+            let mut with_footer = data.clone();
+            let mut footer = [0u8; VHD_FOOTER_LEN];
+            footer[..8].copy_from_slice(b"conectix");
+            with_footer.extend_from_slice(&footer);
+            for (input, check) in [
+                (&data, None),
+                (&with_footer, Some(&footer_marker as FooterCheck<'_>)),
+            ] {
+                for piped in [false, true] {
+                    let path = dir.path().join(format!("{len}-{piped}"));
+                    let mut t = FileTarget::create(&path).unwrap();
+                    let out = if piped {
+                        std::thread::scope(|s| {
+                            let mut sink = TargetSink::pipelined(s, &mut t, None).unwrap();
+                            let out = stream(&mut &input[..], &mut sink, check, None);
+                            sink.finish().unwrap();
+                            out
+                        })
+                    } else {
+                        let mut sink = TargetSink::new(&mut t, None).unwrap();
+                        let out = stream(&mut &input[..], &mut sink, check, None);
+                        sink.finish().unwrap();
+                        out
+                    }
+                    .unwrap();
+                    assert_eq!(out.len, len as u64);
+                    assert_eq!(out.vhd_footer.is_some(), check.is_some());
+                    t.finish(out.len, crate::target::Preallocation::Off)
+                        .unwrap();
+                    assert_eq!(
+                        std::fs::read(&path).unwrap(),
+                        data,
+                        "len {len} piped {piped}"
+                    );
+                }
+            }
         }
     }
 

@@ -4,10 +4,18 @@
 //! ranges here. The sink enforces what the target can take before anything is written, turns
 //! all-zero blocks inside data into zero ranges (holes on files), merges adjacent zero ranges so a
 //! block device sees few large BLKZEROOUT calls, and counts what it did.
+//!
+//! A sink made with [`TargetSink::pipelined`] hands the target operations to a writer thread
+//! (the `pipeline` module) so the converter keeps reading while earlier data is written; the
+//! checks, zero detection and totals stay here on the converter's thread, and a write error
+//! comes back from the next call or from [`TargetSink::finish`].
+
+use std::thread::Scope;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::ExtentSink;
 use crate::limits::{MAX_VIRTUAL_SIZE, ZERO_DETECT_BLOCK};
+use crate::pipeline::{BUFFER_LEN, Pipeline};
 use crate::target::Target;
 
 /// What the sink saw, handed back by [`TargetSink::finish`].
@@ -25,7 +33,9 @@ pub struct SinkTotals {
 
 /// Writes guest ranges into a target, within its capacity.
 pub struct TargetSink<'t> {
-    target: &'t mut dyn Target,
+    out: Out<'t>,
+    /// The target's description, for messages.
+    name: String,
     /// Bytes the target may hold: the requested size, else the device size; `None` for a file
     /// without a requested size (it takes the image's size).
     capacity: Option<u64>,
@@ -33,15 +43,34 @@ pub struct TargetSink<'t> {
     totals: SinkTotals,
     /// A zero range not yet passed to the target, merged with the next adjacent one.
     pending_zero: Option<(u64, u64)>,
+    /// The buffer lent by [`TargetSink::take_buffer`] when there is no writer thread.
+    spare: Vec<u8>,
+    /// Zero-detection segments of the current buffer: (zero, start, end).
+    segments: Vec<(bool, usize, usize)>,
     /// Debug builds check the "each byte once" contract of converters.
     #[cfg(debug_assertions)]
     seen: std::collections::BTreeMap<u64, u64>,
 }
 
+/// Where the sink's target operations go.
+enum Out<'t> {
+    /// Straight into the target, on the caller's thread.
+    Direct(&'t mut dyn Target),
+    /// To a writer thread that owns the target until `finish`.
+    Piped(Pipeline<'t>),
+    /// After `finish` took the writer.
+    Closed,
+}
+
+/// A call after `finish`, which the API's ownership rules out.
+fn closed() -> Error {
+    Error::new(ErrorKind::InvalidInput, "sink used after finish")
+}
+
 impl std::fmt::Debug for TargetSink<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TargetSink")
-            .field("target", &self.target.describe())
+            .field("target", &self.name)
             .field("capacity", &self.capacity)
             .field("totals", &self.totals)
             .finish_non_exhaustive()
@@ -63,34 +92,50 @@ impl<'t> TargetSink<'t> {
     /// A sink into `target`. `target_size` is the requested final size; on a block device it
     /// must fit the device.
     pub fn new(target: &'t mut dyn Target, target_size: Option<u64>) -> Result<Self> {
-        let capacity = match (target_size, target.fixed_size()) {
-            (Some(want), Some(device)) if want > device => {
-                return Err(Error::new(
-                    ErrorKind::TargetTooSmall,
-                    format!(
-                        "requested target size {want} is larger than the device {} ({device} \
-                         bytes)",
-                        target.describe()
-                    ),
-                ));
-            }
-            (Some(want), _) => Some(want),
-            (None, device) => device,
-        };
-        Ok(TargetSink {
-            target,
+        let capacity = capacity(target, target_size)?;
+        let name = target.describe();
+        Ok(Self::with_out(Out::Direct(target), name, capacity))
+    }
+
+    /// A sink into `target` whose writes run on a writer thread in `scope`, overlapping with
+    /// the converter. The target is back with the caller when `scope` ends; call
+    /// [`TargetSink::finish`] first, which waits for every write.
+    pub fn pipelined<'env>(
+        scope: &'t Scope<'t, 'env>,
+        target: &'t mut dyn Target,
+        target_size: Option<u64>,
+    ) -> Result<Self> {
+        let capacity = capacity(target, target_size)?;
+        let name = target.describe();
+        Ok(Self::with_out(
+            Out::Piped(Pipeline::spawn(scope, target)),
+            name,
+            capacity,
+        ))
+    }
+
+    fn with_out(out: Out<'t>, name: String, capacity: Option<u64>) -> Self {
+        TargetSink {
+            out,
+            name,
             capacity,
             begun: false,
             totals: SinkTotals::default(),
             pending_zero: None,
+            spare: Vec::new(),
+            segments: Vec::new(),
             #[cfg(debug_assertions)]
             seen: std::collections::BTreeMap::new(),
-        })
+        }
     }
 
-    /// Flush pending zeroes and check that every announced byte was reported.
+    /// Flush pending zeroes, wait for every write, and check that every announced byte was
+    /// reported.
     pub fn finish(mut self) -> Result<SinkTotals> {
         self.flush_zero()?;
+        if let Out::Piped(pipe) = std::mem::replace(&mut self.out, Out::Closed) {
+            pipe.finish()?;
+        }
         if let Some(size) = self.totals.virtual_size {
             let covered = self.totals.data_bytes + self.totals.zero_bytes;
             if covered != size {
@@ -104,9 +149,50 @@ impl<'t> TargetSink<'t> {
 
     /// The target, for messages.
     pub fn describe(&self) -> String {
-        self.target.describe()
+        self.name.clone()
     }
 
+    /// Split `buf` (guest bytes at `offset`) into runs of zero and non-zero blocks aligned to
+    /// absolute guest offsets, so a skipped block is a whole file-system block (a real hole).
+    fn scan(&mut self, offset: u64, buf: &[u8]) -> Vec<(bool, usize, usize)> {
+        let mut segments = std::mem::take(&mut self.segments);
+        segments.clear();
+        let block = ZERO_DETECT_BLOCK as u64;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let abs = offset + pos as u64;
+            let to_boundary = (block - abs % block) as usize;
+            let n = to_boundary.min(buf.len() - pos);
+            let zero = is_zero(&buf[pos..pos + n]);
+            match segments.last_mut() {
+                Some((z, _, end)) if *z == zero => *end = pos + n,
+                _ => segments.push((zero, pos, pos + n)),
+            }
+            pos += n;
+        }
+        segments
+    }
+}
+
+/// What the target can hold: the requested size, which must fit a device, else the device
+/// size; `None` for a file without a requested size.
+fn capacity(target: &dyn Target, target_size: Option<u64>) -> Result<Option<u64>> {
+    Ok(match (target_size, target.fixed_size()) {
+        (Some(want), Some(device)) if want > device => {
+            return Err(Error::new(
+                ErrorKind::TargetTooSmall,
+                format!(
+                    "requested target size {want} is larger than the device {} ({device} bytes)",
+                    target.describe()
+                ),
+            ));
+        }
+        (Some(want), _) => Some(want),
+        (None, device) => device,
+    })
+}
+
+impl TargetSink<'_> {
     /// Check `[offset, offset+len)` before touching the target.
     fn admit(&mut self, offset: u64, len: u64) -> Result<u64> {
         if !self.begun {
@@ -192,12 +278,13 @@ impl<'t> TargetSink<'t> {
 
     fn flush_zero(&mut self) -> Result<()> {
         if let Some((start, end)) = self.pending_zero.take() {
-            self.target.write_zeroes(start, end - start).map_err(|e| {
-                Error::io(
-                    format!("zeroing {}..{end} of {}", start, self.target.describe()),
-                    e,
-                )
-            })?;
+            match &mut self.out {
+                Out::Direct(target) => target.write_zeroes(start, end - start).map_err(|e| {
+                    Error::io(format!("zeroing {start}..{end} of {}", self.name), e)
+                })?,
+                Out::Piped(pipe) => pipe.zero(start, end - start)?,
+                Out::Closed => return Err(closed()),
+            }
         }
         Ok(())
     }
@@ -207,16 +294,16 @@ impl<'t> TargetSink<'t> {
             return Ok(());
         }
         self.totals.data_bytes += buf.len() as u64;
-        self.target.write_all_at(buf, offset).map_err(|e| {
-            Error::io(
-                format!(
-                    "writing {} bytes at {offset} to {}",
-                    buf.len(),
-                    self.target.describe()
-                ),
-                e,
-            )
-        })
+        match &mut self.out {
+            Out::Direct(target) => target.write_all_at(buf, offset).map_err(|e| {
+                Error::io(
+                    format!("writing {} bytes at {offset} to {}", buf.len(), self.name),
+                    e,
+                )
+            }),
+            Out::Piped(pipe) => pipe.write(offset, buf),
+            Out::Closed => Err(closed()),
+        }
     }
 }
 
@@ -247,38 +334,76 @@ impl ExtentSink for TargetSink<'_> {
 
     fn data(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         self.admit(offset, buf.len() as u64)?;
-        // Walk blocks aligned to absolute guest offsets, so a skipped block is a whole
-        // file-system block (a real hole), and write each run of non-zero blocks at once.
-        let block = ZERO_DETECT_BLOCK as u64;
-        let mut pos = 0usize;
-        let mut run_start = 0usize;
-        let mut in_data = false;
-        while pos < buf.len() {
-            let abs = offset + pos as u64;
-            let to_boundary = (block - abs % block) as usize;
-            let n = to_boundary.min(buf.len() - pos);
-            let zero = is_zero(&buf[pos..pos + n]);
-            if zero && in_data {
-                self.write_data(offset + run_start as u64, &buf[run_start..pos])?;
-                in_data = false;
+        // Each run of non-zero blocks is written at once; zero runs become zero ranges.
+        let segments = self.scan(offset, buf);
+        let mut res = Ok(());
+        for &(zero, start, end) in &segments {
+            let at = offset + start as u64;
+            res = if zero {
+                self.zero_range(at, (end - start) as u64)
+            } else {
+                self.write_data(at, &buf[start..end])
+            };
+            if res.is_err() {
+                break;
             }
-            if zero {
-                self.zero_range(abs, n as u64)?;
-            } else if !in_data {
-                run_start = pos;
-                in_data = true;
-            }
-            pos += n;
         }
-        if in_data {
-            self.write_data(offset + run_start as u64, &buf[run_start..])?;
-        }
-        Ok(())
+        self.segments = segments;
+        res
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.admit(offset, len)?;
         self.zero_range(offset, len)
+    }
+
+    /// At least [`IO_CHUNK`](crate::limits::IO_CHUNK) bytes (a little more: room for a raw
+    /// stream's held-back footer). On a pipelined sink the buffer itself goes to the writer.
+    fn take_buffer(&mut self) -> Result<Vec<u8>> {
+        match &mut self.out {
+            Out::Piped(pipe) => pipe.take_buffer(),
+            _ => {
+                let mut buf = std::mem::take(&mut self.spare);
+                buf.resize(BUFFER_LEN, 0);
+                Ok(buf)
+            }
+        }
+    }
+
+    fn data_buffer(&mut self, offset: u64, buf: Vec<u8>, len: usize) -> Result<()> {
+        let len = len.min(buf.len());
+        if !matches!(self.out, Out::Piped(_)) {
+            let res = self.data(offset, &buf[..len]);
+            self.spare = buf;
+            return res;
+        }
+        self.admit(offset, len as u64)?;
+        let segments = self.scan(offset, &buf[..len]);
+        if let Out::Piped(pipe) = &mut self.out {
+            pipe.give_back(buf);
+        }
+        let mut res = Ok(());
+        for &(zero, start, end) in &segments {
+            let at = offset + start as u64;
+            res = if zero {
+                self.zero_range(at, (end - start) as u64)
+            } else {
+                self.totals.data_bytes += (end - start) as u64;
+                match &mut self.out {
+                    Out::Piped(pipe) => pipe.write_lent(at, start, end),
+                    _ => Ok(()),
+                }
+            };
+            if res.is_err() {
+                break;
+            }
+        }
+        self.segments = segments;
+        res?;
+        match &mut self.out {
+            Out::Piped(pipe) => pipe.seal(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -297,6 +422,7 @@ mod tests {
     use std::io;
 
     use super::*;
+    use crate::limits::IO_CHUNK;
     use crate::target::Preallocation;
 
     /// A target that records calls, for checking what the sink does.
@@ -389,6 +515,7 @@ mod tests {
             "virtual image size 1001 is larger than the reported available storage 1000. A \
              larger PVC is required"
         );
+        drop(s);
         // Requested size above the device size.
         let err = TargetSink::new(&mut t, Some(2000)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TargetTooSmall);
@@ -430,6 +557,129 @@ mod tests {
             ErrorKind::Corrupt
         );
         assert_eq!(s.zero(0, 1).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    /// A target holding its bytes in memory; starts as 0xEE so zeroing is visible. Writes at
+    /// or past `fail_from` fail with ENOSPC.
+    struct Memory {
+        bytes: Vec<u8>,
+        fail_from: u64,
+    }
+
+    impl Memory {
+        fn new(len: usize) -> Self {
+            Memory {
+                bytes: vec![0xEE; len],
+                fail_from: u64::MAX,
+            }
+        }
+    }
+
+    impl Target for Memory {
+        fn fixed_size(&self) -> Option<u64> {
+            Some(self.bytes.len() as u64)
+        }
+        fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if offset + buf.len() as u64 > self.fail_from {
+                return Err(io::Error::from_raw_os_error(nix::libc::ENOSPC));
+            }
+            let at = offset as usize;
+            self.bytes[at..at + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            self.bytes[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+        fn finish(&mut self, _size: u64, _prealloc: Preallocation) -> io::Result<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    /// Guest bytes with data, zero blocks and unaligned edges, fed through every entry point.
+    fn feed(s: &mut TargetSink<'_>, image: &[u8]) -> Result<()> {
+        s.begin(Some(image.len() as u64))?;
+        // Small copied pieces, an unaligned one among them.
+        let mut pos = 0usize;
+        for len in [100, 4000, 2 * B - 4100, 3 * B] {
+            s.data(pos as u64, &image[pos..pos + len])?;
+            pos += len;
+        }
+        // A reported zero range (the image is zero there).
+        s.zero(pos as u64, B as u64)?;
+        pos += B;
+        // Lent buffers, the last one partly filled.
+        while pos < image.len() {
+            let mut buf = s.take_buffer()?;
+            let n = buf.len().min(image.len() - pos);
+            buf[..n].copy_from_slice(&image[pos..pos + n]);
+            s.data_buffer(pos as u64, buf, n)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn sample_image() -> Vec<u8> {
+        let len = 3 * IO_CHUNK + 5 * B + 123;
+        let mut image: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
+        image[5 * B..6 * B].fill(0); // the reported zero range
+        image[B..2 * B].fill(0);
+        image[IO_CHUNK + 3 * B..IO_CHUNK + 9 * B].fill(0);
+        image[3 * IO_CHUNK..].fill(0);
+        image
+    }
+
+    #[test]
+    fn pipelined_sink_writes_what_the_direct_sink_writes() {
+        let image = sample_image();
+        let mut direct = Memory::new(image.len());
+        let direct_totals = {
+            let mut s = TargetSink::new(&mut direct, None).unwrap();
+            feed(&mut s, &image).unwrap();
+            s.finish().unwrap()
+        };
+        let mut piped = Memory::new(image.len());
+        let piped_totals = std::thread::scope(|scope| {
+            let mut s = TargetSink::pipelined(scope, &mut piped, None).unwrap();
+            feed(&mut s, &image).unwrap();
+            s.finish().unwrap()
+        });
+        assert_eq!(direct.bytes, image);
+        assert_eq!(piped.bytes, image);
+        assert_eq!(piped_totals, direct_totals);
+        assert_eq!(
+            piped_totals.data_bytes + piped_totals.zero_bytes,
+            image.len() as u64
+        );
+    }
+
+    #[test]
+    fn pipelined_sink_reports_a_failed_write_like_the_direct_one() {
+        let image = sample_image();
+        for piped in [false, true] {
+            let mut t = Memory::new(image.len());
+            t.fail_from = 2 * IO_CHUNK as u64;
+            let err = if piped {
+                std::thread::scope(|scope| {
+                    let mut s = TargetSink::pipelined(scope, &mut t, None).unwrap();
+                    feed(&mut s, &image).and_then(|()| s.finish().map(|_| ()))
+                })
+            } else {
+                let mut s = TargetSink::new(&mut t, None).unwrap();
+                feed(&mut s, &image).and_then(|()| s.finish().map(|_| ()))
+            }
+            .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::NoSpace, "piped {piped}");
+            assert!(
+                err.message().starts_with("writing ") && err.message().ends_with(" to memory"),
+                "piped {piped}: {err}"
+            );
+            // Nothing at or past the failure point was written.
+            assert!(t.bytes[2 * IO_CHUNK..].iter().all(|&b| b == 0xEE || b == 0));
+        }
     }
 
     #[test]

@@ -331,72 +331,38 @@ impl DiskImage for VdiImage {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::File;
-    use std::path::{Path, PathBuf};
-
     use super::*;
     use crate::error::ErrorKind;
-    use proptest::prelude::*;
-
-    use crate::vmdk::testutil::{
-        assert_same_disk, exercise, have_qemu_img, qemu_img, qemu_raw, read_all, write_mixed_raw,
+    use crate::testutil::{
+        MIXED_SIZE, Msg, assert_refused, check_open_refuses, edited, exercise, have_tools,
+        mixed_reads_like_qemu, open_bytes, qemu_mixed, read_all,
     };
-
-    fn convert_to_vdi(dir: &Path, options: &[&str]) -> PathBuf {
-        let raw = dir.join("src.raw");
-        write_mixed_raw(&raw);
-        let out = dir.join("img.vdi");
-        let mut args = vec!["convert", "-f", "raw", "-O", "vdi"];
-        args.extend_from_slice(options);
-        args.extend([raw.to_str().unwrap(), out.to_str().unwrap()]);
-        qemu_img(&args);
-        out
-    }
-
-    fn open_path(path: &Path) -> Result<Box<dyn DiskImage>> {
-        open(Arc::new(File::open(path).unwrap()), &OpenOptions::default())
-    }
+    use proptest::prelude::*;
 
     #[test]
     fn dynamic_vdi_reads_like_qemu_img() {
-        if !have_qemu_img() {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vdi(dir.path(), &[]);
-
-        let ours = read_all(&mut *open_path(&image).unwrap()).unwrap();
-
-        assert_same_disk(&ours, &qemu_raw(&image, "vdi"));
+        mixed_reads_like_qemu(open, "vdi", &[]);
     }
 
     #[test]
     fn static_vdi_reads_like_qemu_img() {
-        if !have_qemu_img() {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vdi(dir.path(), &["-o", "static=on"]);
-
-        let ours = read_all(&mut *open_path(&image).unwrap()).unwrap();
-
-        assert_same_disk(&ours, &qemu_raw(&image, "vdi"));
+        mixed_reads_like_qemu(open, "vdi", &["-o", "static=on"]);
     }
 
     #[test]
     fn probe_reports_static_vdi_as_fixed() {
-        if !have_qemu_img() {
+        if !have_tools(&["qemu-img"]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vdi(dir.path(), &["-o", "static=on"]);
+        let image = qemu_mixed(dir.path(), "vdi", &["-o", "static=on"], "img.vdi");
         let head = std::fs::read(&image).unwrap();
 
         let info = probe(&head[..64 << 10]).unwrap();
 
         assert_eq!(
             (info.virtual_size, info.subformat.as_deref()),
-            (Some(crate::vmdk::testutil::MIXED_SIZE), Some("fixed"))
+            (Some(MIXED_SIZE), Some("fixed"))
         );
     }
 
@@ -433,10 +399,6 @@ mod tests {
         img
     }
 
-    fn open_bytes(bytes: Vec<u8>) -> Result<Box<dyn DiskImage>> {
-        open(Arc::new(bytes), &OpenOptions::default())
-    }
-
     #[test]
     fn built_vdi_maps_blocks_and_holes() {
         let img = build([1, 0xffff_ffff, 0, 0xffff_fffe], 2);
@@ -444,7 +406,7 @@ mod tests {
         expected[..1 << 20].fill(2);
         expected[2 << 20..3 << 20].fill(1);
 
-        let ours = read_all(&mut *open_bytes(img).unwrap()).unwrap();
+        let ours = read_all(&mut *open_bytes(open, img).unwrap()).unwrap();
 
         assert_eq!(ours, expected);
     }
@@ -452,97 +414,93 @@ mod tests {
     #[test]
     fn block_map_entry_past_eof_is_corrupt() {
         let img = build([0, 7, 0xffff_ffff, 0xffff_ffff], 1);
-        let mut disk = open_bytes(img).unwrap();
+        let mut disk = open_bytes(open, img).unwrap();
         let mut buf = vec![0u8; 4096];
 
-        let err = disk.read_exact_at(&mut buf, 1 << 20).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt);
-        assert!(
-            err.message()
-                .starts_with("vdi block 1 maps to data block 7, past the end"),
-            "{err}"
+        assert_refused(
+            disk.read_exact_at(&mut buf, 1 << 20),
+            ErrorKind::Corrupt,
+            Msg::Starts("vdi block 1 maps to data block 7, past the end"),
         );
     }
 
+    /// An empty 4-block image (no data blocks) after `edit`.
+    fn empty_edited(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        edited(build([0xffff_ffff; 4], 0), edit)
+    }
+
+    /// Damaged or unsupported headers that `open` refuses.
     #[test]
-    fn block_map_past_eof_is_corrupt() {
-        let mut img = build([0xffff_ffff; 4], 0);
-        img[0x154..0x158].copy_from_slice(&(1u32 << 30).to_le_bytes()); // block map offset
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt);
-        assert!(
-            err.message()
-                .starts_with("vdi block map at file offset 1073741824"),
-            "{err}"
+    fn bad_headers_are_refused_by_open() {
+        check_open_refuses(
+            open,
+            [
+                (
+                    "block map past eof",
+                    (
+                        empty_edited(|img| {
+                            img[0x154..0x158].copy_from_slice(&(1u32 << 30).to_le_bytes()); // block map offset
+                        }),
+                        ErrorKind::Corrupt,
+                        Msg::Starts("vdi block map at file offset 1073741824"),
+                    ),
+                ),
+                (
+                    "differencing image",
+                    (
+                        empty_edited(|img| img[..512].copy_from_slice(&header(TYPE_DIFF, 4))),
+                        ErrorKind::Unsupported,
+                        Msg::Is("vdi differencing (snapshot) images are not supported"),
+                    ),
+                ),
+                (
+                    "parent uuid",
+                    (
+                        empty_edited(|img| img[0x1b8] = 9), // parent uuid
+                        ErrorKind::Unsupported,
+                        Msg::Any,
+                    ),
+                ),
+                (
+                    "disk larger than the block map",
+                    (
+                        empty_edited(|img| {
+                            img[0x170..0x178].copy_from_slice(&(5u64 << 20).to_le_bytes()); // disk size: 5 blocks
+                        }),
+                        ErrorKind::Corrupt,
+                        Msg::Any,
+                    ),
+                ),
+                (
+                    "huge disk size",
+                    (
+                        empty_edited(|img| {
+                            img[0x170..0x178].copy_from_slice(&(1u64 << 50).to_le_bytes()); // 1 PiB
+                        }),
+                        ErrorKind::LimitExceeded,
+                        Msg::Any,
+                    ),
+                ),
+                (
+                    "odd block size",
+                    (
+                        empty_edited(|img| {
+                            img[0x178..0x17c].copy_from_slice(&(2u32 << 20).to_le_bytes()); // 2 MiB blocks
+                        }),
+                        ErrorKind::Unsupported,
+                        Msg::Any,
+                    ),
+                ),
+                (
+                    "truncated",
+                    (
+                        empty_edited(|img| img.truncate(200)),
+                        ErrorKind::Truncated,
+                        Msg::Any,
+                    ),
+                ),
+            ],
         );
-    }
-
-    #[test]
-    fn diff_image_is_unsupported() {
-        let mut img = build([0xffff_ffff; 4], 0);
-        img[..512].copy_from_slice(&header(TYPE_DIFF, 4));
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(
-            (err.kind(), err.message()),
-            (
-                ErrorKind::Unsupported,
-                "vdi differencing (snapshot) images are not supported"
-            )
-        );
-    }
-
-    #[test]
-    fn parent_uuid_is_unsupported() {
-        let mut img = build([0xffff_ffff; 4], 0);
-        img[0x1b8] = 9; // parent uuid
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
-    }
-
-    #[test]
-    fn disk_larger_than_block_map_is_corrupt() {
-        let mut img = build([0xffff_ffff; 4], 0);
-        img[0x170..0x178].copy_from_slice(&(5u64 << 20).to_le_bytes()); // disk size: 5 blocks
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    }
-
-    #[test]
-    fn huge_disk_size_is_limit_exceeded() {
-        let mut img = build([0xffff_ffff; 4], 0);
-        img[0x170..0x178].copy_from_slice(&(1u64 << 50).to_le_bytes()); // 1 PiB
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::LimitExceeded, "{err}");
-    }
-
-    #[test]
-    fn odd_block_size_is_unsupported() {
-        let mut img = build([0xffff_ffff; 4], 0);
-        img[0x178..0x17c].copy_from_slice(&(2u32 << 20).to_le_bytes()); // 2 MiB blocks
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
-    }
-
-    #[test]
-    fn truncated_vdi_is_refused() {
-        let img = build([0xffff_ffff; 4], 0)[..200].to_vec();
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Truncated, "{err}");
     }
 
     proptest! {
@@ -556,7 +514,7 @@ mod tests {
                 img[pos] = value;
             }
             let _ = probe(&img);
-            if let Ok(mut disk) = open_bytes(img) {
+            if let Ok(mut disk) = open_bytes(open, img) {
                 exercise(&mut *disk);
             }
         }

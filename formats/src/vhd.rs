@@ -539,107 +539,63 @@ impl DiskImage for VhdImage {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::File;
-    use std::path::{Path, PathBuf};
-
     use super::*;
     use crate::error::ErrorKind;
-    use proptest::prelude::*;
-
-    use crate::vmdk::testutil::{
-        assert_same_disk, exercise, have_qemu_img, qemu_img, qemu_raw, read_all, write_mixed_raw,
+    use crate::testutil::{
+        MIXED_SIZE, Msg, assert_refused, check_open_refuses, edited, exercise, have_tools,
+        mixed_reads_like_qemu, open_bytes, qemu_mixed, qemu_raw, read_all,
     };
-
-    fn convert_to_vhd(dir: &Path, subformat: &str) -> PathBuf {
-        let raw = dir.join("src.raw");
-        write_mixed_raw(&raw);
-        let out = dir.join(format!("{subformat}.vhd"));
-        let opt = format!("subformat={subformat}");
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vpc",
-            "-o",
-            &opt,
-            raw.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
-        out
-    }
-
-    fn open_path(path: &Path) -> Result<Box<dyn DiskImage>> {
-        open(Arc::new(File::open(path).unwrap()), &OpenOptions::default())
-    }
+    use proptest::prelude::*;
 
     #[test]
     fn dynamic_vhd_reads_like_qemu_img() {
-        if !have_qemu_img() {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vhd(dir.path(), "dynamic");
-
-        let ours = read_all(&mut *open_path(&image).unwrap()).unwrap();
-
-        assert_same_disk(&ours, &qemu_raw(&image, "vpc"));
+        mixed_reads_like_qemu(open, "vpc", &["-o", "subformat=dynamic"]);
     }
 
     #[test]
     fn fixed_vhd_reads_like_qemu_img() {
-        if !have_qemu_img() {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vhd(dir.path(), "fixed");
-
-        let ours = read_all(&mut *open_path(&image).unwrap()).unwrap();
-
-        assert_same_disk(&ours, &qemu_raw(&image, "vpc"));
+        mixed_reads_like_qemu(open, "vpc", &["-o", "subformat=fixed"]);
     }
 
     #[test]
     fn force_size_vhd_uses_current_size_like_qemu_img() {
-        if !have_qemu_img() {
-            return;
-        }
         // force_size=on makes qemu write creator "qem2" and the exact size, not the CHS one.
+        let options = ["-o", "subformat=dynamic,force_size=on"];
+        if let Some(ours) = mixed_reads_like_qemu(open, "vpc", &options) {
+            assert_eq!(ours.len() as u64, MIXED_SIZE);
+        }
+    }
+
+    /// The file qemu-img writes for [`crate::testutil::mixed_raw`] with `subformat`, and
+    /// qemu-img's size of its disk. `None` without qemu-img.
+    fn qemu_vhd(subformat: &str) -> Option<(tempfile::TempDir, Vec<u8>, u64)> {
+        if !have_tools(&["qemu-img"]) {
+            return None;
+        }
         let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vhd(dir.path(), "dynamic,force_size=on");
-
-        let ours = read_all(&mut *open_path(&image).unwrap()).unwrap();
-
-        assert_eq!(ours.len() as u64, crate::vmdk::testutil::MIXED_SIZE);
-        assert_same_disk(&ours, &qemu_raw(&image, "vpc"));
+        let opt = format!("subformat={subformat}");
+        let image = qemu_mixed(dir.path(), "vpc", &["-o", &opt], "img.vhd");
+        let size = qemu_raw(&image, "vpc").len() as u64;
+        Some((dir, std::fs::read(&image).unwrap(), size))
     }
 
     #[test]
     fn fixed_footer_recognises_qemu_fixed_vhd() {
-        if !have_qemu_img() {
+        let Some((_dir, bytes, size)) = qemu_vhd("fixed") else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vhd(dir.path(), "fixed");
-        let bytes = std::fs::read(&image).unwrap();
+        };
         let tail: [u8; 512] = bytes[bytes.len() - 512..].try_into().unwrap();
 
         let info = fixed_footer(&tail).unwrap();
 
-        assert_eq!(
-            info.virtual_size,
-            Some(qemu_raw(&image, "vpc").len() as u64)
-        );
+        assert_eq!(info.virtual_size, Some(size));
     }
 
     #[test]
     fn probe_reports_dynamic_block_size() {
-        if !have_qemu_img() {
+        let Some((_dir, bytes, size)) = qemu_vhd("dynamic") else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vhd(dir.path(), "dynamic");
-        let bytes = std::fs::read(&image).unwrap();
+        };
 
         let info = probe(&bytes[..64 << 10]).unwrap();
 
@@ -649,11 +605,7 @@ mod tests {
                 info.subformat.as_deref(),
                 info.cluster_size
             ),
-            (
-                Some(qemu_raw(&image, "vpc").len() as u64),
-                Some("dynamic"),
-                Some(2 << 20)
-            )
+            (Some(size), Some("dynamic"), Some(2 << 20))
         );
     }
 
@@ -703,8 +655,10 @@ mod tests {
         img
     }
 
-    fn open_bytes(bytes: Vec<u8>) -> Result<Box<dyn DiskImage>> {
-        open(Arc::new(bytes), &OpenOptions::default())
+    /// Recompute the checksum of the dynamic header at 512 after an edit.
+    fn reseal_dynamic_header(img: &mut [u8]) {
+        let sum = checksum(&img[512..1536], 36);
+        img[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
     }
 
     #[test]
@@ -714,7 +668,7 @@ mod tests {
         expected[4096..8192].fill(0xaa);
         expected[7 * 4096..].fill(0xbb);
 
-        let ours = read_all(&mut *open_bytes(img).unwrap()).unwrap();
+        let ours = read_all(&mut *open_bytes(open, img).unwrap()).unwrap();
 
         assert_eq!(ours, expected);
     }
@@ -724,7 +678,7 @@ mod tests {
         let mut img = vec![0x42u8; 8192];
         img.extend(footer(DISK_FIXED, 8192, u64::MAX));
 
-        let ours = read_all(&mut *open_bytes(img).unwrap()).unwrap();
+        let ours = read_all(&mut *open_bytes(open, img).unwrap()).unwrap();
 
         assert_eq!(ours, vec![0x42u8; 8192]);
     }
@@ -734,12 +688,10 @@ mod tests {
         let mut img = build_dynamic(&[]);
         img[40] ^= 1; // original size changes, checksum does not
 
-        let err = probe(&img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt);
-        assert!(
-            err.message().starts_with("vhd footer checksum is 0x"),
-            "{err}"
+        assert_refused(
+            probe(&img),
+            ErrorKind::Corrupt,
+            Msg::Starts("vhd footer checksum is 0x"),
         );
     }
 
@@ -751,64 +703,59 @@ mod tests {
         assert_eq!(fixed_footer(&tail), None);
     }
 
+    /// Damaged or unsupported images that `open` refuses.
     #[test]
-    fn fixed_vhd_shorter_than_its_size_is_corrupt() {
-        let mut img = vec![0u8; 4096];
-        img.extend(footer(DISK_FIXED, 8192, u64::MAX));
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    }
-
-    #[test]
-    fn differencing_vhd_is_unsupported() {
-        let mut img = build_dynamic(&[]);
-        img[..512].copy_from_slice(&footer(DISK_DIFFERENCING, 8 * 4096, 512));
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(
-            (err.kind(), err.message()),
-            (
-                ErrorKind::Unsupported,
-                "vhd differencing disks (with a parent) are not supported"
-            )
-        );
-    }
-
-    #[test]
-    fn bat_past_eof_is_corrupt() {
-        let mut img = build_dynamic(&[]);
-        img[512 + 16..512 + 24].copy_from_slice(&1_000_000u64.to_be_bytes()); // table offset
-        let sum = checksum(&img[512..1536], 36);
-        img[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt);
-        assert!(
-            err.message()
-                .starts_with("vhd block allocation table at file offset 1000000"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn block_size_not_power_of_two_is_corrupt() {
-        let mut img = build_dynamic(&[]);
-        img[512 + 32..512 + 36].copy_from_slice(&3000u32.to_be_bytes()); // block size
-        let sum = checksum(&img[512..1536], 36);
-        img[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(
-            (err.kind(), err.message()),
-            (
-                ErrorKind::Corrupt,
-                "vhd block size 3000 is not a power of two of at least 512"
-            )
+    fn bad_images_are_refused_by_open() {
+        let mut short_fixed = vec![0u8; 4096];
+        short_fixed.extend(footer(DISK_FIXED, 8192, u64::MAX));
+        check_open_refuses(
+            open,
+            [
+                (
+                    "fixed vhd shorter than its size",
+                    (short_fixed, ErrorKind::Corrupt, Msg::Any),
+                ),
+                (
+                    "differencing vhd",
+                    (
+                        edited(build_dynamic(&[]), |img| {
+                            img[..512].copy_from_slice(&footer(DISK_DIFFERENCING, 8 * 4096, 512));
+                        }),
+                        ErrorKind::Unsupported,
+                        Msg::Is("vhd differencing disks (with a parent) are not supported"),
+                    ),
+                ),
+                (
+                    "bat past eof",
+                    (
+                        edited(build_dynamic(&[]), |img| {
+                            img[512 + 16..512 + 24].copy_from_slice(&1_000_000u64.to_be_bytes()); // table offset
+                            reseal_dynamic_header(img);
+                        }),
+                        ErrorKind::Corrupt,
+                        Msg::Starts("vhd block allocation table at file offset 1000000"),
+                    ),
+                ),
+                (
+                    "block size not a power of two",
+                    (
+                        edited(build_dynamic(&[]), |img| {
+                            img[512 + 32..512 + 36].copy_from_slice(&3000u32.to_be_bytes()); // block size
+                            reseal_dynamic_header(img);
+                        }),
+                        ErrorKind::Corrupt,
+                        Msg::Is("vhd block size 3000 is not a power of two of at least 512"),
+                    ),
+                ),
+                (
+                    "truncated",
+                    (
+                        edited(build_dynamic(&[(0, 1)]), |img| img.truncate(300)),
+                        ErrorKind::Truncated,
+                        Msg::Any,
+                    ),
+                ),
+            ],
         );
     }
 
@@ -816,25 +763,14 @@ mod tests {
     fn block_past_eof_is_corrupt_when_read() {
         let mut img = build_dynamic(&[(2, 1)]);
         img[1536 + 8..1536 + 12].copy_from_slice(&90_000u32.to_be_bytes()); // BAT[2] -> far away
-        let mut disk = open_bytes(img).unwrap();
+        let mut disk = open_bytes(open, img).unwrap();
         let mut buf = vec![0u8; 512];
 
-        let err = disk.read_exact_at(&mut buf, 2 * 4096).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt);
-        assert!(
-            err.message().starts_with("vhd block 2 at file offset"),
-            "{err}"
+        assert_refused(
+            disk.read_exact_at(&mut buf, 2 * 4096),
+            ErrorKind::Corrupt,
+            Msg::Starts("vhd block 2 at file offset"),
         );
-    }
-
-    #[test]
-    fn truncated_vhd_is_refused() {
-        let img = build_dynamic(&[(0, 1)])[..300].to_vec();
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Truncated, "{err}");
     }
 
     proptest! {
@@ -850,10 +786,9 @@ mod tests {
             }
             let sum = checksum(&img[..512], 64);
             img[64..68].copy_from_slice(&sum.to_be_bytes());
-            let sum = checksum(&img[512..1536], 36);
-            img[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
+            reseal_dynamic_header(&mut img);
             let _ = probe(&img);
-            if let Ok(mut disk) = open_bytes(img) {
+            if let Ok(mut disk) = open_bytes(open, img) {
                 exercise(&mut *disk);
             }
         }

@@ -610,101 +610,48 @@ impl DiskImage for VhdxImage {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::File;
-    use std::path::{Path, PathBuf};
-
     use super::*;
     use crate::error::ErrorKind;
-    use proptest::prelude::*;
-
-    use crate::vmdk::testutil::{
-        assert_same_disk, exercise, have_qemu_img, qemu_img, qemu_raw, read_all, write_mixed_raw,
+    use crate::testutil::{
+        Msg, assert_refused, check_open_refuses, edited, exercise, have_tools,
+        mixed_reads_like_qemu, open_bytes, open_file, p, qemu_img, qemu_io, read_all,
     };
-
-    fn convert_to_vhdx(dir: &Path, subformat: &str) -> PathBuf {
-        let raw = dir.join("src.raw");
-        write_mixed_raw(&raw);
-        let out = dir.join(format!("{subformat}.vhdx"));
-        let opt = format!("subformat={subformat}");
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vhdx",
-            "-o",
-            &opt,
-            raw.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
-        out
-    }
-
-    fn open_path(path: &Path) -> Result<Box<dyn DiskImage>> {
-        open(Arc::new(File::open(path).unwrap()), &OpenOptions::default())
-    }
+    use proptest::prelude::*;
 
     #[test]
     fn dynamic_vhdx_reads_like_qemu_img() {
-        if !have_qemu_img() {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vhdx(dir.path(), "dynamic");
-
-        let ours = read_all(&mut *open_path(&image).unwrap()).unwrap();
-
-        assert_same_disk(&ours, &qemu_raw(&image, "vhdx"));
+        mixed_reads_like_qemu(open, "vhdx", &["-o", "subformat=dynamic"]);
     }
 
     #[test]
     fn fixed_vhdx_reads_like_qemu_img() {
-        if !have_qemu_img() {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let image = convert_to_vhdx(dir.path(), "fixed");
-
-        let ours = read_all(&mut *open_path(&image).unwrap()).unwrap();
-
-        assert_same_disk(&ours, &qemu_raw(&image, "vhdx"));
+        mixed_reads_like_qemu(open, "vhdx", &["-o", "subformat=fixed"]);
     }
 
     #[test]
     fn block_after_a_sector_bitmap_entry_reads_what_qemu_io_wrote() {
-        if !have_qemu_img() {
+        if !have_tools(&["qemu-img", "qemu-io"]) {
             return;
         }
         // 1 MiB blocks with 512-byte sectors: chunk ratio 4096, one bitmap entry after 4096
         // payload entries, so a disk over 4 GiB crosses it. Sparse, so the file stays small.
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("big.vhdx");
-        let img_s = image.to_str().unwrap();
         qemu_img(&[
             "create",
             "-f",
             "vhdx",
             "-o",
             "block_size=1M",
-            img_s,
+            p(&image),
             "4100M",
         ]);
-        let io = std::process::Command::new("qemu-io")
-            .args([
-                "-f",
-                "vhdx",
-                "-c",
-                "write -P 0x5a 4294967296 1M",
-                "-c",
-                "write -P 0x17 1M 4096",
-                img_s,
-            ])
-            .output();
-        if !io.as_ref().is_ok_and(|o| o.status.success()) {
-            println!("SKIPPED: qemu-io is not available");
-            return;
-        }
-        let mut disk = open_path(&image).unwrap();
+        qemu_io(
+            &image,
+            "vhdx",
+            &["write -P 0x5a 4294967296 1M", "write -P 0x17 1M 4096"],
+        );
+        let mut disk = open_file(open, &image).unwrap();
         let mut ours = vec![0u8; 2 << 20];
 
         disk.read_exact_at(&mut ours, 4294967296 - (1 << 20))
@@ -790,8 +737,8 @@ mod tests {
         img
     }
 
-    fn open_bytes(bytes: Vec<u8>) -> Result<Box<dyn DiskImage>> {
-        open(Arc::new(bytes), &OpenOptions::default())
+    fn read_bytes(bytes: Vec<u8>) -> Result<Vec<u8>> {
+        read_all(&mut *open_bytes(open, bytes)?)
     }
 
     #[test]
@@ -801,7 +748,7 @@ mod tests {
         expected[..MIB].fill(3);
         expected[2 * MIB..3 * MIB].fill(4);
 
-        let ours = read_all(&mut *open_bytes(img).unwrap()).unwrap();
+        let ours = read_bytes(img).unwrap();
 
         assert_eq!(ours, expected);
     }
@@ -811,86 +758,9 @@ mod tests {
         let mut img = build(&[(1, 9)], MIB as u32);
         img[(128 << 10) + 100] ^= 1; // damage header 2 (the newer one)
 
-        let ours = read_all(&mut *open_bytes(img).unwrap()).unwrap();
+        let ours = read_bytes(img).unwrap();
 
         assert_eq!(&ours[MIB..MIB + 4], &[9, 9, 9, 9]);
-    }
-
-    #[test]
-    fn bad_header_checksums_are_corrupt() {
-        let mut img = build(&[], MIB as u32);
-        img[(64 << 10) + 100] ^= 1;
-        img[(128 << 10) + 100] ^= 1;
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(
-            (err.kind(), err.message()),
-            (
-                ErrorKind::Corrupt,
-                "vhdx has no valid header (both header checksums fail)"
-            )
-        );
-    }
-
-    #[test]
-    fn region_table_overrun_is_corrupt() {
-        let mut img = build(&[], MIB as u32);
-        for base in [192usize << 10, 256 << 10] {
-            let e = base + 16 + 32 + 24; // metadata region length
-            img[e..e + 4].copy_from_slice(&(64 * MIB as u32).to_le_bytes());
-            put_crc(&mut img[base..base + REGION_TABLE_LEN]);
-        }
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt);
-        assert!(
-            err.message()
-                .starts_with("vhdx region 1 at file offset 3145728"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn block_size_zero_is_corrupt() {
-        let img = build(&[], 0);
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(
-            (err.kind(), err.message()),
-            (
-                ErrorKind::Corrupt,
-                "vhdx block size 0 is not a power of two between 1 MiB and 256 MiB"
-            )
-        );
-    }
-
-    #[test]
-    fn block_size_not_power_of_two_is_corrupt() {
-        let img = build(&[], 3 * MIB as u32);
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-    }
-
-    #[test]
-    fn differencing_vhdx_is_unsupported() {
-        let mut img = build(&[], MIB as u32);
-        let params = 3 * MIB + (64 << 10) + 4; // file parameters flags
-        img[params..params + 4].copy_from_slice(&FLAG_HAS_PARENT.to_le_bytes());
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(
-            (err.kind(), err.message()),
-            (
-                ErrorKind::Unsupported,
-                "vhdx differencing disks (with a parent) are not supported"
-            )
-        );
     }
 
     fn set_log_guid(img: &mut [u8]) {
@@ -905,42 +775,111 @@ mod tests {
         let mut img = build(&[(1, 9)], MIB as u32);
         set_log_guid(&mut img);
 
-        let ours = read_all(&mut *open_bytes(img).unwrap()).unwrap();
+        let ours = read_bytes(img).unwrap();
 
         assert_eq!(&ours[MIB..MIB + 4], &[9, 9, 9, 9]);
     }
 
-    #[test]
-    fn dirty_log_is_unsupported() {
-        let mut img = build(&[], MIB as u32);
-        set_log_guid(&mut img);
-        let entry = MIB + 8192; // a log entry in the log region (1 MiB..2 MiB)
-        img[entry..entry + 4].copy_from_slice(b"loge"); // signature
-        img[entry + 8..entry + 12].copy_from_slice(&4096u32.to_le_bytes()); // entry length
-        img[entry + 16..entry + 24].copy_from_slice(&7u64.to_le_bytes()); // sequence number
-        img[entry + 32] = 0x42; // log guid, matching the header's
-        put_crc(&mut img[entry..entry + 4096]);
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(
-            (err.kind(), err.message()),
-            (
-                ErrorKind::Unsupported,
-                "vhdx has a dirty log; open it once with hyper-v or qemu-img to replay it"
-            )
-        );
+    /// An empty disk with 1 MiB blocks after `edit`.
+    fn empty_edited(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        edited(build(&[], MIB as u32), edit)
     }
 
+    /// Damaged or unsupported images that `open` refuses.
     #[test]
-    fn huge_virtual_size_is_limit_exceeded() {
-        let mut img = build(&[], MIB as u32);
-        let size = 3 * MIB + (64 << 10) + 8; // virtual disk size item
-        img[size..size + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::LimitExceeded, "{err}");
+    fn bad_images_are_refused_by_open() {
+        check_open_refuses(
+            open,
+            [
+                (
+                    "both header checksums fail",
+                    (
+                        empty_edited(|img| {
+                            img[(64 << 10) + 100] ^= 1;
+                            img[(128 << 10) + 100] ^= 1;
+                        }),
+                        ErrorKind::Corrupt,
+                        Msg::Is("vhdx has no valid header (both header checksums fail)"),
+                    ),
+                ),
+                (
+                    "region table overrun",
+                    (
+                        empty_edited(|img| {
+                            for base in [192usize << 10, 256 << 10] {
+                                let e = base + 16 + 32 + 24; // metadata region length
+                                img[e..e + 4].copy_from_slice(&(64 * MIB as u32).to_le_bytes());
+                                put_crc(&mut img[base..base + REGION_TABLE_LEN]);
+                            }
+                        }),
+                        ErrorKind::Corrupt,
+                        Msg::Starts("vhdx region 1 at file offset 3145728"),
+                    ),
+                ),
+                (
+                    "block size 0",
+                    (
+                        build(&[], 0),
+                        ErrorKind::Corrupt,
+                        Msg::Is(
+                            "vhdx block size 0 is not a power of two between 1 MiB and 256 MiB",
+                        ),
+                    ),
+                ),
+                (
+                    "block size not a power of two",
+                    (build(&[], 3 * MIB as u32), ErrorKind::Corrupt, Msg::Any),
+                ),
+                (
+                    "differencing vhdx",
+                    (
+                        empty_edited(|img| {
+                            let params = 3 * MIB + (64 << 10) + 4; // file parameters flags
+                            img[params..params + 4].copy_from_slice(&FLAG_HAS_PARENT.to_le_bytes());
+                        }),
+                        ErrorKind::Unsupported,
+                        Msg::Is("vhdx differencing disks (with a parent) are not supported"),
+                    ),
+                ),
+                (
+                    "dirty log",
+                    (
+                        empty_edited(|img| {
+                            set_log_guid(img);
+                            let entry = MIB + 8192; // a log entry in the log region (1 MiB..2 MiB)
+                            img[entry..entry + 4].copy_from_slice(b"loge"); // signature
+                            img[entry + 8..entry + 12].copy_from_slice(&4096u32.to_le_bytes()); // entry length
+                            img[entry + 16..entry + 24].copy_from_slice(&7u64.to_le_bytes()); // sequence number
+                            img[entry + 32] = 0x42; // log guid, matching the header's
+                            put_crc(&mut img[entry..entry + 4096]);
+                        }),
+                        ErrorKind::Unsupported,
+                        Msg::Is(
+                            "vhdx has a dirty log; open it once with hyper-v or qemu-img to replay it",
+                        ),
+                    ),
+                ),
+                (
+                    "huge virtual size",
+                    (
+                        empty_edited(|img| {
+                            let size = 3 * MIB + (64 << 10) + 8; // virtual disk size item
+                            img[size..size + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+                        }),
+                        ErrorKind::LimitExceeded,
+                        Msg::Any,
+                    ),
+                ),
+                (
+                    "truncated",
+                    (
+                        empty_edited(|img| img.truncate(100 << 10)),
+                        ErrorKind::Corrupt,
+                        Msg::Any,
+                    ),
+                ),
+            ],
+        );
     }
 
     #[test]
@@ -948,26 +887,14 @@ mod tests {
         let mut img = build(&[], MIB as u32);
         let entry = (512u64 << 20) | PAYLOAD_FULLY_PRESENT; // block 0 at 512 MiB
         img[2 * MIB..2 * MIB + 8].copy_from_slice(&entry.to_le_bytes());
-        let mut disk = open_bytes(img).unwrap();
+        let mut disk = open_bytes(open, img).unwrap();
         let mut buf = vec![0u8; 512];
 
-        let err = disk.read_exact_at(&mut buf, 0).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt);
-        assert!(
-            err.message()
-                .starts_with("vhdx block 0 at file offset 536870912"),
-            "{err}"
+        assert_refused(
+            disk.read_exact_at(&mut buf, 0),
+            ErrorKind::Corrupt,
+            Msg::Starts("vhdx block 0 at file offset 536870912"),
         );
-    }
-
-    #[test]
-    fn truncated_vhdx_is_corrupt() {
-        let img = build(&[], MIB as u32)[..100 << 10].to_vec();
-
-        let err = open_bytes(img).unwrap_err();
-
-        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
     }
 
     #[test]
@@ -1000,7 +927,7 @@ mod tests {
                 img[at] = value;
             }
             let _ = probe(&img);
-            if let Ok(mut disk) = open_bytes(img) {
+            if let Ok(mut disk) = open_bytes(open, img) {
                 exercise(&mut *disk);
             }
         }

@@ -5,7 +5,6 @@
 mod core_support;
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,12 +55,6 @@ fn garbage_device(dir: &Path, size: usize) -> Option<Loop> {
     Loop::attach(&backing)
 }
 
-fn read_device(dev: &Path) -> Vec<u8> {
-    let mut v = Vec::new();
-    File::open(dev).unwrap().read_to_end(&mut v).unwrap();
-    v
-}
-
 #[test]
 fn raw_stream_onto_block_device_zeroes_old_garbage_and_leaves_the_tail() {
     for prealloc in [Preallocation::Off, Preallocation::Full] {
@@ -82,7 +75,7 @@ fn raw_stream_onto_block_device_zeroes_old_garbage_and_leaves_the_tail() {
         assert_eq!(report.virtual_size, img.len() as u64);
         assert_eq!(report.target_size, 8 * MIB as u64);
 
-        let dev = read_device(&lo.dev);
+        let dev = std::fs::read(&lo.dev).unwrap();
         assert_eq!(dev.len(), 8 * MIB);
         assert!(
             dev[..img.len()] == img[..],
@@ -112,7 +105,10 @@ fn image_larger_than_device_is_refused_before_any_write() {
             .contains(&format!("reported available storage {}", 4 * MIB))
     );
     assert!(
-        read_device(&lo.dev).iter().all(|&b| b == GARBAGE),
+        std::fs::read(&lo.dev)
+            .unwrap()
+            .iter()
+            .all(|&b| b == GARBAGE),
         "device was written"
     );
 
@@ -156,7 +152,7 @@ fn write_zeroes_handles_unaligned_edges() {
     );
     target.finish(MIB as u64, Preallocation::Off).unwrap();
     drop(target);
-    let dev = read_device(&lo.dev);
+    let dev = std::fs::read(&lo.dev).unwrap();
     assert!(dev[..100].iter().all(|&b| b == GARBAGE));
     assert!(dev[100..70_100].iter().all(|&b| b == 0));
     assert!(dev[70_100..].iter().all(|&b| b == GARBAGE));

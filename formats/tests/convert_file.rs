@@ -3,7 +3,6 @@
 mod core_support;
 
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 use cdi_formats::{
@@ -21,12 +20,6 @@ fn convert_bytes(bytes: &[u8], dst: &Path, opts: &ConvertOptions) -> Result<Conv
     convert_reader(&mut input, &mut target, opts)
 }
 
-fn read(path: &Path) -> Vec<u8> {
-    let mut v = Vec::new();
-    File::open(path).unwrap().read_to_end(&mut v).unwrap();
-    v
-}
-
 #[test]
 fn raw_stream_with_zero_runs_produces_holes() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,7 +33,7 @@ fn raw_stream_with_zero_runs_produces_holes() {
     let dst = dir.path().join("disk.img");
     let report = convert_bytes(&img, &dst, &ConvertOptions::default()).unwrap();
 
-    assert_eq!(read(&dst), img);
+    assert_eq!(std::fs::read(&dst).unwrap(), img);
     let needed: u64 = regions.iter().map(|&(_, l)| l as u64).sum();
     assert_eq!(report.data_bytes, needed);
     assert_eq!(report.zero_bytes, img.len() as u64 - needed);
@@ -71,7 +64,7 @@ fn empty_and_tiny_raw_inputs_are_valid_disks() {
     };
     let r = convert_bytes(b"boot", &dst, &opts).unwrap();
     assert_eq!((r.virtual_size, r.target_size), (4, MIB as u64));
-    let out = read(&dst);
+    let out = std::fs::read(&dst).unwrap();
     assert_eq!(out.len(), MIB);
     assert_eq!(&out[..4], b"boot");
     assert!(out[4..].iter().all(|&b| b == 0));
@@ -111,7 +104,7 @@ fn compression_chains_and_tar_are_unwrapped() {
         let dst = dir.path().join(format!("{name}.out"));
         let r = convert_bytes(&bytes, &dst, &ConvertOptions::default())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(read(&dst), img, "{name}");
+        assert_eq!(std::fs::read(&dst).unwrap(), img, "{name}");
         assert_eq!(r.compression, chain, "{name}");
         assert_eq!(r.from_tar, from_tar, "{name}");
         assert_eq!(r.input_bytes, bytes.len() as u64, "{name}");
@@ -198,7 +191,7 @@ fn convert_path_copies_raw_and_iso_files() {
     let r = convert_path(&src, target.as_mut(), &ConvertOptions::default()).unwrap();
     assert_eq!(r.format, ImageFormat::Iso);
     assert_eq!(r.input_bytes, iso.len() as u64);
-    assert_eq!(read(&dst), iso);
+    assert_eq!(std::fs::read(&dst).unwrap(), iso);
 }
 
 #[test]
@@ -218,7 +211,7 @@ fn preallocation_allocates_the_whole_file() {
             ..Default::default()
         };
         convert_bytes(&img, &dst, &opts).unwrap();
-        let out = read(&dst);
+        let out = std::fs::read(&dst).unwrap();
         assert_eq!(out.len() as u64, size);
         assert_eq!(&out[..img.len()], &img[..]);
         assert!(out[img.len()..].iter().all(|&b| b == 0));
@@ -302,7 +295,7 @@ fn a_pipe_given_as_a_path_is_read_as_a_stream() {
     let r = convert_path(&fifo, target.as_mut(), &ConvertOptions::default()).unwrap();
     writer.join().unwrap();
     assert_eq!(r.compression, vec![Compression::Gzip]);
-    assert_eq!(read(&dst), img);
+    assert_eq!(std::fs::read(&dst).unwrap(), img);
 }
 
 #[test]

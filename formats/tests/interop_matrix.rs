@@ -13,15 +13,18 @@
 //! case in one assertion message. Fixtures are generated in a temp dir at test time. Without
 //! qemu-img the tests print `SKIPPED:` and return.
 
+mod core_support;
+
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cdi_formats::convert::{ConvertOptions, ConvertReport, convert_path, convert_reader};
 use cdi_formats::detect::Compression;
 use cdi_formats::target::open_target;
+use core_support::{allocated, have_qemu, qemu_img, qemu_io, random_bytes, run};
 
 const MIB: u64 = 1 << 20;
 
@@ -94,46 +97,6 @@ enum Mode {
     Reader,
 }
 
-fn have_qemu() -> bool {
-    ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|out| out.status.success())
-    })
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-}
-
-fn qemu_img(args: &[&str], paths: &[&Path]) {
-    run(Command::new("qemu-img").args(args).args(paths));
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), so fixtures are reproducible without a
-/// random-number crate and do not compress.
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Text-like, highly compressible bytes.
 fn text_bytes(len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 64);
@@ -154,29 +117,27 @@ fn make_source(dir: &Path) -> PathBuf {
     let file = File::create(&path).expect("create source");
     file.set_len(SOURCE_SIZE).expect("size source");
     let put = |offset: u64, bytes: &[u8]| file.write_all_at(bytes, offset).expect("write source");
-    put(0, &random_bytes(1, MIB as usize));
+    put(0, &random_bytes(MIB as usize, 1));
     // [1, 2) MiB: hole.
     put(2 * MIB, &text_bytes(2 * MIB as usize));
     put(4 * MIB, &vec![0u8; MIB as usize]);
     for block in 0..(3 * MIB / 4096) {
         if block % 3 != 1 {
-            put(5 * MIB + block * 4096, &random_bytes(100 + block, 4096));
+            put(5 * MIB + block * 4096, &random_bytes(4096, 100 + block));
         }
     }
-    put(8 * MIB, &random_bytes(2, 4 * MIB as usize));
+    put(8 * MIB, &random_bytes(4 * MIB as usize, 2));
     // [12, 16) MiB: hole.
     put(
         16 * MIB + 1000,
-        &random_bytes(3, (3 * MIB / 2 - 300) as usize),
+        &random_bytes((3 * MIB / 2 - 300) as usize, 3),
     );
     put(20 * MIB, &[0x5a; 512]);
     put(24 * MIB + 4096, &text_bytes(MIB as usize + 12_345));
     put(SOURCE_SIZE - 64 * 1024, &[0xa5; 64 * 1024]);
     drop(file);
     // Written, then discarded: punches a hole where data used to be.
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "discard 8M 4M"])
-        .arg(&path));
+    qemu_io(&path, "raw", &["discard 8M 4M"]);
     path
 }
 
@@ -184,7 +145,7 @@ fn make_source(dir: &Path) -> PathBuf {
 /// file, patterns, a compressed cluster run, zero writes and a discard after writing.
 fn make_reverse_qcow2(dir: &Path, path: &Path) {
     let chunk = dir.join("chunk.bin");
-    fs::write(&chunk, random_bytes(7, MIB as usize)).expect("write chunk");
+    fs::write(&chunk, random_bytes(MIB as usize, 7)).expect("write chunk");
     let chunk = chunk.to_str().expect("utf-8 temp path");
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
@@ -202,12 +163,7 @@ fn make_reverse_qcow2(dir: &Path, path: &Path) {
         format!("write -s {chunk} 0 1M"),
         "discard 12M 2M".to_owned(),
     ];
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "qcow2"]);
-    for c in &cmds {
-        cmd.arg("-c").arg(c);
-    }
-    run(cmd.arg(path));
+    qemu_io(path, "qcow2", &cmds);
 }
 
 /// Build `name` with `qemu-img convert -O qemu_format <opts>` from the source and its reference.
@@ -281,10 +237,6 @@ fn wrap(dir: &Path, image: &Path, wrapper: Wrapper) -> PathBuf {
         }
     }
     out
-}
-
-fn allocated(path: &Path) -> u64 {
-    fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 /// First differing offset of two files, or a length mismatch.
@@ -421,7 +373,6 @@ fn run_matrix(dir: &Path, images: &[Image]) {
 /// Temp dir plus source, or `None` (after printing `SKIPPED:`) without qemu tools.
 fn setup() -> Option<(tempfile::TempDir, PathBuf)> {
     if !have_qemu() {
-        println!("SKIPPED: qemu-img/qemu-io not installed (apt-get install qemu-utils)");
         return None;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -440,33 +391,20 @@ fn raw_matrix_matches_qemu_img() {
 fn qcow2_matrix_matches_qemu_img() {
     let Some((dir, source)) = setup() else { return };
     let d = dir.path();
-    let mut images = vec![
-        converted(d, &source, "v3.qcow2", "qcow2", &["-o", "compat=1.1"]),
-        converted(d, &source, "v2.qcow2", "qcow2", &["-o", "compat=0.10"]),
-        converted(
-            d,
-            &source,
-            "c512.qcow2",
-            "qcow2",
-            &["-o", "cluster_size=512"],
-        ),
-        converted(d, &source, "c2m.qcow2", "qcow2", &["-o", "cluster_size=2M"]),
-        converted(d, &source, "zlib.qcow2", "qcow2", &["-c"]),
-        converted(
-            d,
-            &source,
-            "zstd.qcow2",
-            "qcow2",
-            &["-c", "-o", "compression_type=zstd"],
-        ),
-        converted(
-            d,
-            &source,
-            "extl2.qcow2",
-            "qcow2",
-            &["-o", "extended_l2=on,cluster_size=128k"],
-        ),
-    ];
+    let mut images = convert_all(
+        d,
+        &source,
+        "qcow2",
+        &[
+            ("v3.qcow2", &["-o", "compat=1.1"]),
+            ("v2.qcow2", &["-o", "compat=0.10"]),
+            ("c512.qcow2", &["-o", "cluster_size=512"]),
+            ("c2m.qcow2", &["-o", "cluster_size=2M"]),
+            ("zlib.qcow2", &["-c"]),
+            ("zstd.qcow2", &["-c", "-o", "compression_type=zstd"]),
+            ("extl2.qcow2", &["-o", "extended_l2=on,cluster_size=128k"]),
+        ],
+    );
     let reverse = d.join("reverse.qcow2");
     make_reverse_qcow2(d, &reverse);
     images.push(finish_image(d, "reverse.qcow2", "qcow2", reverse));
@@ -487,76 +425,63 @@ fn qcow2_matrix_matches_qemu_img() {
     run_matrix(d, &images);
 }
 
+/// The source converted by qemu-img to `qemu_format`, one image per (file name, options).
+fn convert_all(
+    dir: &Path,
+    source: &Path,
+    qemu_format: &'static str,
+    cases: &[(&str, &[&str])],
+) -> Vec<Image> {
+    cases
+        .iter()
+        .map(|&(name, opts)| converted(dir, source, name, qemu_format, opts))
+        .collect()
+}
+
+/// The matrix over the source converted to `qemu_format` with each (file name, options).
+fn family_matches(qemu_format: &'static str, cases: &[(&str, &[&str])]) {
+    let Some((dir, source)) = setup() else { return };
+    let images = convert_all(dir.path(), &source, qemu_format, cases);
+    run_matrix(dir.path(), &images);
+}
+
 #[test]
 fn vmdk_matrix_matches_qemu_img() {
-    let Some((dir, source)) = setup() else { return };
-    let d = dir.path();
-    let images = [
-        converted(
-            d,
-            &source,
-            "stream.vmdk",
-            "vmdk",
-            &["-o", "subformat=streamOptimized"],
-        ),
-        converted(
-            d,
-            &source,
-            "sparse.vmdk",
-            "vmdk",
-            &["-o", "subformat=monolithicSparse"],
-        ),
-    ];
-    run_matrix(d, &images);
+    family_matches(
+        "vmdk",
+        &[
+            ("stream.vmdk", &["-o", "subformat=streamOptimized"]),
+            ("sparse.vmdk", &["-o", "subformat=monolithicSparse"]),
+        ],
+    );
 }
 
 #[test]
 fn vhd_matrix_matches_qemu_img() {
-    let Some((dir, source)) = setup() else { return };
-    let d = dir.path();
-    let images = [
-        converted(
-            d,
-            &source,
-            "dynamic.vhd",
-            "vpc",
-            &["-o", "subformat=dynamic,force_size=on"],
-        ),
-        converted(
-            d,
-            &source,
-            "fixed.vhd",
-            "vpc",
-            &["-o", "subformat=fixed,force_size=on"],
-        ),
-    ];
-    run_matrix(d, &images);
+    family_matches(
+        "vpc",
+        &[
+            ("dynamic.vhd", &["-o", "subformat=dynamic,force_size=on"]),
+            ("fixed.vhd", &["-o", "subformat=fixed,force_size=on"]),
+        ],
+    );
 }
 
 #[test]
 fn vhdx_matrix_matches_qemu_img() {
-    let Some((dir, source)) = setup() else { return };
-    let d = dir.path();
-    let images = [
-        converted(
-            d,
-            &source,
-            "dynamic.vhdx",
-            "vhdx",
-            &["-o", "subformat=dynamic"],
-        ),
-        converted(d, &source, "fixed.vhdx", "vhdx", &["-o", "subformat=fixed"]),
-    ];
-    run_matrix(d, &images);
+    family_matches(
+        "vhdx",
+        &[
+            ("dynamic.vhdx", &["-o", "subformat=dynamic"]),
+            ("fixed.vhdx", &["-o", "subformat=fixed"]),
+        ],
+    );
 }
 
 #[test]
 fn vdi_matrix_matches_qemu_img() {
-    let Some((dir, source)) = setup() else { return };
-    let d = dir.path();
-    let images = [
-        converted(d, &source, "dynamic.vdi", "vdi", &[]),
-        converted(d, &source, "static.vdi", "vdi", &["-o", "static=on"]),
-    ];
-    run_matrix(d, &images);
+    family_matches(
+        "vdi",
+        &[("dynamic.vdi", &[]), ("static.vdi", &["-o", "static=on"])],
+    );
 }

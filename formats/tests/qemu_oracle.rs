@@ -6,7 +6,7 @@
 mod core_support;
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cdi_formats::{
@@ -16,14 +16,6 @@ use cdi_formats::{
 use core_support::*;
 
 const MIB: usize = 1 << 20;
-
-fn tools() -> bool {
-    if have("qemu-img") && have("qemu-io") {
-        return true;
-    }
-    println!("SKIPPED: qemu-img/qemu-io not installed");
-    false
-}
 
 /// `qemu-img compare` exit status 0 means identical guest content.
 fn assert_same(src: &Path, src_fmt: &str, out: &Path) {
@@ -51,21 +43,57 @@ fn stream_file(path: &Path, dst: &Path, opts: &ConvertOptions) -> Result<Convert
     convert_reader(input, &mut target, opts)
 }
 
-fn qemu_io(image: &Path, fmt: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", fmt]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run(c.arg(image));
+/// Convert the local file at `path` (random access where the format needs it).
+fn convert_file(path: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    let mut target = FileTarget::create(dst).unwrap();
+    convert_path(path, &mut target, opts)
 }
 
-/// A qcow2 image with data, a zero-flagged range and unallocated space.
-fn make_qcow2(dir: &Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
+/// A temp dir holding `src.raw`, a raw disk of `size` bytes with random data in `regions`;
+/// `None` (after the skip line) without qemu-img/qemu-io.
+fn with_raw(size: usize, regions: &[(usize, usize)]) -> Option<(tempfile::TempDir, PathBuf)> {
+    if !have_qemu() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("src.raw");
+    std::fs::write(&path, sparse_image(size, regions)).unwrap();
+    Some((dir, path))
+}
+
+/// Stream `path` with a scratch directory `dir/name`: the format needs it (the report says
+/// so), and the scratch file is gone afterwards.
+fn stream_spooled(path: &Path, out: &Path, dir: &Path, name: &str) -> ConvertReport {
+    let scratch = dir.join(name);
+    std::fs::create_dir(&scratch).unwrap();
+    let opts = ConvertOptions {
+        scratch_dir: Some(scratch.clone()),
+        ..Default::default()
+    };
+    let r = stream_file(path, out, &opts).unwrap_or_else(|e| panic!("{name} spool: {e}"));
+    assert!(!r.streamed && r.scratch_bytes > 0, "{name}: {r:?}");
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "{name}: scratch file left behind"
+    );
+    r
+}
+
+/// `path` gzip-compressed next to it, as `<path>.gz`.
+fn gzip_file(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".gz");
+    let gz = PathBuf::from(name);
+    std::fs::write(&gz, gzip(&std::fs::read(path).unwrap())).unwrap();
+    gz
+}
+
+/// A 64 MiB qcow2 image with data, a zero-flagged range and unallocated space.
+fn make_qcow2(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
-        .args(extra)
         .arg(&path)
         .arg("64M"));
     qemu_io(
@@ -83,16 +111,12 @@ fn make_qcow2(dir: &Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
 
 #[test]
 fn raw_passthrough_matches_qemu_img() {
-    if !tools() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = sparse_image(
+    let Some((dir, src)) = with_raw(
         40 * MIB,
         &[(0, 4096), (7 * MIB + 512, 300_000), (39 * MIB, MIB)],
-    );
-    let src = dir.path().join("src.raw");
-    std::fs::write(&src, &img).unwrap();
+    ) else {
+        return;
+    };
 
     let ours = dir.path().join("ours.img");
     let r = stream_file(&src, &ours, &ConvertOptions::default()).unwrap();
@@ -101,23 +125,19 @@ fn raw_passthrough_matches_qemu_img() {
 
     // Our holes are at least as good as qemu-img's default (-S 4k) sparseness.
     let theirs = dir.path().join("theirs.img");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(&theirs));
+    qemu_img(&["convert", "-f", "raw", "-O", "raw"], &[&src, &theirs]);
     let (a, b) = (allocated(&ours), allocated(&theirs));
     assert!(a <= b + 64 * 1024, "we allocated {a} bytes, qemu-img {b}");
 
     // The same through the local-file path.
     let ours2 = dir.path().join("ours2.img");
-    let mut target = FileTarget::create(&ours2).unwrap();
-    convert_path(&src, &mut target, &ConvertOptions::default()).unwrap();
+    convert_file(&src, &ours2, &ConvertOptions::default()).unwrap();
     assert_same(&src, "raw", &ours2);
 }
 
 #[test]
 fn iso_passthrough_matches_qemu_img() {
-    if !tools() {
+    if !have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -126,8 +146,7 @@ fn iso_passthrough_matches_qemu_img() {
     iso[0x8001..0x8006].copy_from_slice(b"CD001");
     let src = dir.path().join("cd.iso");
     std::fs::write(&src, &iso).unwrap();
-    let gz = dir.path().join("cd.iso.gz");
-    std::fs::write(&gz, gzip(&iso)).unwrap();
+    let gz = gzip_file(&src);
     let out = dir.path().join("cd.img");
     let r = stream_file(&gz, &out, &ConvertOptions::default()).unwrap();
     assert_eq!(r.format, ImageFormat::Iso);
@@ -137,13 +156,12 @@ fn iso_passthrough_matches_qemu_img() {
 /// Needs the qcow2 streamer (another helper's module).
 #[test]
 fn gzip_qcow2_streams_to_the_same_disk() {
-    if !tools() {
+    if !have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let q = make_qcow2(dir.path(), "disk.qcow2", &[]);
-    let gz = dir.path().join("disk.qcow2.gz");
-    std::fs::write(&gz, gzip(&std::fs::read(&q).unwrap())).unwrap();
+    let q = make_qcow2(dir.path(), "disk.qcow2");
+    let gz = gzip_file(&q);
     let out = dir.path().join("disk.img");
     let r = stream_file(&gz, &out, &ConvertOptions::default()).unwrap();
     assert_eq!(r.format, ImageFormat::Qcow2);
@@ -155,21 +173,11 @@ fn gzip_qcow2_streams_to_the_same_disk() {
 /// Compressed clusters inside a zstd-compressed file; needs the qcow2 streamer.
 #[test]
 fn zstd_of_compressed_qcow2_streams_to_the_same_disk() {
-    if !tools() {
+    let Some((dir, raw)) = with_raw(16 * MIB, &[(MIB, 2 * MIB), (9 * MIB, 4096)]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("src.raw");
-    std::fs::write(
-        &raw,
-        sparse_image(16 * MIB, &[(MIB, 2 * MIB), (9 * MIB, 4096)]),
-    )
-    .unwrap();
+    };
     let q = dir.path().join("c.qcow2");
-    run(Command::new("qemu-img")
-        .args(["convert", "-c", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&q));
+    qemu_img(&["convert", "-c", "-O", "qcow2"], &[&raw, &q]);
     let zst = dir.path().join("c.qcow2.zst");
     std::fs::write(&zst, zstd(&std::fs::read(&q).unwrap())).unwrap();
     let out = dir.path().join("c.img");
@@ -180,14 +188,14 @@ fn zstd_of_compressed_qcow2_streams_to_the_same_disk() {
 /// A qcow2 overlay converted in place with its backing file allowed; needs qcow2::open.
 #[test]
 fn local_qcow2_with_allowed_backing_file_matches() {
-    if !tools() {
+    if !have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    make_qcow2(dir.path(), "base.qcow2", &[]);
+    make_qcow2(dir.path(), "base.qcow2");
     let top = dir.path().join("top.qcow2");
-    run(Command::new("qemu-img")
-        .args([
+    qemu_img(
+        &[
             "create",
             "-q",
             "-f",
@@ -196,16 +204,16 @@ fn local_qcow2_with_allowed_backing_file_matches() {
             "qcow2",
             "-b",
             "base.qcow2",
-        ])
-        .arg(&top));
+        ],
+        &[&top],
+    );
     qemu_io(&top, "qcow2", &["write -P 0x44 512k 1M"]);
     let out = dir.path().join("top.img");
-    let mut target = FileTarget::create(&out).unwrap();
     let opts = ConvertOptions {
         backing: BackingPolicy::AllowRelativeTo(dir.path().to_path_buf()),
         ..Default::default()
     };
-    let r = convert_path(&top, &mut target, &opts).unwrap();
+    let r = convert_file(&top, &out, &opts).unwrap();
     assert!(!r.streamed);
     assert_same(&top, "qcow2", &out);
 }
@@ -214,21 +222,15 @@ fn local_qcow2_with_allowed_backing_file_matches() {
 /// is opened in place. With and without qemu's CHS rounding of the size.
 #[test]
 fn fixed_vhd_stream_drops_the_footer_and_file_opens_in_place() {
-    if !tools() {
+    let Some((dir, raw)) = with_raw(8 * MIB, &[(0, 4096), (5 * MIB, 70_000)]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("src.raw");
-    std::fs::write(&raw, sparse_image(8 * MIB, &[(0, 4096), (5 * MIB, 70_000)])).unwrap();
+    };
     for (name, opts) in [
         ("forced", "subformat=fixed,force_size=on"),
         ("chs", "subformat=fixed"),
     ] {
         let vhd = dir.path().join(format!("{name}.vhd"));
-        run(Command::new("qemu-img")
-            .args(["convert", "-O", "vpc", "-o", opts])
-            .arg(&raw)
-            .arg(&vhd));
+        qemu_img(&["convert", "-O", "vpc", "-o", opts], &[&raw, &vhd]);
         let disk_len = std::fs::metadata(&vhd).unwrap().len() - 512;
 
         let out = dir.path().join(format!("{name}.stream.img"));
@@ -239,8 +241,7 @@ fn fixed_vhd_stream_drops_the_footer_and_file_opens_in_place() {
         assert_eq!(std::fs::metadata(&out).unwrap().len(), disk_len, "{name}");
 
         let out = dir.path().join(format!("{name}.file.img"));
-        let mut target = FileTarget::create(&out).unwrap();
-        let r = convert_path(&vhd, &mut target, &ConvertOptions::default()).unwrap();
+        let r = convert_file(&vhd, &out, &ConvertOptions::default()).unwrap();
         assert_eq!(r.format, ImageFormat::Vhd, "{name}");
         assert!(!r.streamed, "{name}");
         assert_same(&vhd, "vpc", &out);
@@ -250,37 +251,15 @@ fn fixed_vhd_stream_drops_the_footer_and_file_opens_in_place() {
 /// Dynamic VHD from a stream is spooled to scratch (removed afterwards). Needs vhd::open.
 #[test]
 fn dynamic_vhd_stream_spools_to_scratch() {
-    if !tools() {
+    let Some((dir, raw)) = with_raw(8 * MIB, &[(MIB, 4096), (6 * MIB, 70_000)]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("src.raw");
-    std::fs::write(
-        &raw,
-        sparse_image(8 * MIB, &[(MIB, 4096), (6 * MIB, 70_000)]),
-    )
-    .unwrap();
-    let vhd = dir.path().join("dyn.vhd");
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "vpc"])
-        .arg(&raw)
-        .arg(&vhd));
-    let scratch = dir.path().join("scratch");
-    std::fs::create_dir(&scratch).unwrap();
-    let out = dir.path().join("dyn.img");
-    let opts = ConvertOptions {
-        scratch_dir: Some(scratch.clone()),
-        ..Default::default()
     };
-    let r = stream_file(&vhd, &out, &opts).unwrap();
+    let vhd = dir.path().join("dyn.vhd");
+    qemu_img(&["convert", "-O", "vpc"], &[&raw, &vhd]);
+    let out = dir.path().join("dyn.img");
+    let r = stream_spooled(&vhd, &out, dir.path(), "scratch");
     assert_eq!(r.format, ImageFormat::Vhd);
-    assert!(!r.streamed && r.scratch_bytes > 0, "{r:?}");
     assert_same(&vhd, "vpc", &out);
-    assert_eq!(
-        std::fs::read_dir(&scratch).unwrap().count(),
-        0,
-        "scratch file left behind"
-    );
 }
 
 /// Every random-access format: opened in place as a local file, spooled to scratch from a
@@ -288,19 +267,12 @@ fn dynamic_vhd_stream_spools_to_scratch() {
 /// path. `probe_path` reports the virtual size for each.
 #[test]
 fn random_access_formats_convert_in_place_and_from_streams() {
-    if !tools() {
+    let Some((dir, raw)) = with_raw(
+        12 * MIB,
+        &[(0, 4096), (3 * MIB + 512, 200_000), (11 * MIB, MIB)],
+    ) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("src.raw");
-    std::fs::write(
-        &raw,
-        sparse_image(
-            12 * MIB,
-            &[(0, 4096), (3 * MIB + 512, 200_000), (11 * MIB, MIB)],
-        ),
-    )
-    .unwrap();
+    };
     let cases: &[(&str, &str, &[&str], bool)] = &[
         ("vdi", "vdi", &[], false),
         ("vhdx", "vhdx", &[], false),
@@ -309,24 +281,20 @@ fn random_access_formats_convert_in_place_and_from_streams() {
     ];
     for &(name, fmt, extra, streamable) in cases {
         let img = dir.path().join(name);
-        run(Command::new("qemu-img")
-            .args(["convert", "-O", fmt])
-            .args(extra)
-            .arg(&raw)
-            .arg(&img));
+        let mut args = vec!["convert", "-O", fmt];
+        args.extend_from_slice(extra);
+        qemu_img(&args, &[&raw, &img]);
 
         let info = cdi_formats::probe_path(&img).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(info.format.virtual_size, Some(12 * MIB as u64), "{name}");
         assert_eq!(info.needs_scratch, !streamable, "{name}");
 
         let out = dir.path().join(format!("{name}.file.img"));
-        let mut target = FileTarget::create(&out).unwrap();
-        convert_path(&img, &mut target, &ConvertOptions::default())
+        convert_file(&img, &out, &ConvertOptions::default())
             .unwrap_or_else(|e| panic!("{name} in place: {e}"));
         assert_same(&img, fmt, &out);
 
-        let gz = dir.path().join(format!("{name}.gz"));
-        std::fs::write(&gz, gzip(&std::fs::read(&img).unwrap())).unwrap();
+        let gz = gzip_file(&img);
         let out = dir.path().join(format!("{name}.stream.img"));
         let err = stream_file(&gz, &out, &ConvertOptions::default());
         if streamable {
@@ -338,34 +306,21 @@ fn random_access_formats_convert_in_place_and_from_streams() {
                 cdi_formats::ErrorKind::ScratchSpaceRequired,
                 "{name}"
             );
-            let scratch = dir.path().join(format!("{name}.scratch"));
-            std::fs::create_dir(&scratch).unwrap();
-            let opts = ConvertOptions {
-                scratch_dir: Some(scratch.clone()),
-                ..Default::default()
-            };
-            let r = stream_file(&gz, &out, &opts).unwrap_or_else(|e| panic!("{name} spool: {e}"));
-            assert!(!r.streamed && r.scratch_bytes > 0, "{name}: {r:?}");
-            assert_eq!(
-                std::fs::read_dir(&scratch).unwrap().count(),
-                0,
-                "{name}: scratch left"
-            );
+            stream_spooled(&gz, &out, dir.path(), &format!("{name}.scratch"));
         }
         assert_same(&img, fmt, &out);
     }
 
     // A descriptor naming a flat extent: only the local-file path can open its extent.
     let flat = dir.path().join("flat.vmdk");
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "vmdk", "-o", "subformat=monolithicFlat"])
-        .arg(&raw)
-        .arg(&flat));
+    qemu_img(
+        &["convert", "-O", "vmdk", "-o", "subformat=monolithicFlat"],
+        &[&raw, &flat],
+    );
     let info = cdi_formats::probe_path(&flat).unwrap();
     assert_eq!(info.format.virtual_size, Some(12 * MIB as u64));
     let out = dir.path().join("flat.img");
-    let mut target = FileTarget::create(&out).unwrap();
-    let r = convert_path(&flat, &mut target, &ConvertOptions::default()).unwrap();
+    let r = convert_file(&flat, &out, &ConvertOptions::default()).unwrap();
     assert_eq!(r.format, ImageFormat::Vmdk);
     assert_same(&flat, "vmdk", &out);
 }
@@ -374,26 +329,20 @@ fn random_access_formats_convert_in_place_and_from_streams() {
 /// marker): in place from a file, and streamed from gzip.
 #[test]
 fn qemu_stream_optimized_vmdk_converts_in_place_and_streamed() {
-    if !tools() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("src.raw");
     // Incompressible data so the last grain ends mid-sector, as with real disks.
-    let data = sparse_image(20 * MIB, &[(0, 3_000_000), (10 * MIB, MIB)]);
-    std::fs::write(&raw, data).unwrap();
+    let Some((dir, raw)) = with_raw(20 * MIB, &[(0, 3_000_000), (10 * MIB, MIB)]) else {
+        return;
+    };
     let img = dir.path().join("s.vmdk");
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "vmdk", "-o", "subformat=streamOptimized"])
-        .arg(&raw)
-        .arg(&img));
+    qemu_img(
+        &["convert", "-O", "vmdk", "-o", "subformat=streamOptimized"],
+        &[&raw, &img],
+    );
     let out = dir.path().join("s.file.img");
-    let mut target = FileTarget::create(&out).unwrap();
-    convert_path(&img, &mut target, &ConvertOptions::default()).unwrap();
+    convert_file(&img, &out, &ConvertOptions::default()).unwrap();
     assert_same(&img, "vmdk", &out);
 
-    let gz = dir.path().join("s.vmdk.gz");
-    std::fs::write(&gz, gzip(&std::fs::read(&img).unwrap())).unwrap();
+    let gz = gzip_file(&img);
     let out = dir.path().join("s.stream.img");
     let r = stream_file(&gz, &out, &ConvertOptions::default()).unwrap();
     assert!(r.streamed);

@@ -1,153 +1,23 @@
-//! Hand-built qcow2 images: one test per hostile case, plus the shared test sink and the
-//! extent-copy helper the oracle tests use too.
+//! Hand-built qcow2 images: one test per hostile case or a table of same-shaped cases.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::error::{Error, ErrorKind};
+use crate::error::ErrorKind;
 use crate::image::{BackingPolicy, DiskImage, ExtentKind, ExtentSink, OpenOptions, StreamContext};
 use crate::limits;
+use crate::testutil::{CheckingSink, assert_err, check_cases, open_bytes, read_all, stream_to_vec};
 
-// ---------------------------------------------------------------------------------------------
-// Test sink and copy helpers (shared with oracle_tests.rs).
-
-/// An in-memory sink that checks the [`ExtentSink`] contract: `begin` first and once, then
-/// every guest byte exactly once.
-#[derive(Debug, Default)]
-pub(super) struct MemSink {
-    began: bool,
-    size: u64,
-    pub(super) bytes: Vec<u8>,
-    /// Reported ranges, merged: start → end.
-    seen: BTreeMap<u64, u64>,
-}
-
-impl MemSink {
-    fn mark(&mut self, off: u64, len: u64) {
-        assert!(self.began, "write before begin");
-        assert!(len > 0, "empty report at {off:#x}");
-        let end = off + len;
-        assert!(
-            end <= self.size,
-            "report {off:#x}+{len:#x} beyond size {:#x}",
-            self.size
-        );
-        if let Some((&a, &b)) = self.seen.range(..end).next_back() {
-            assert!(
-                b <= off,
-                "bytes {off:#x}..{end:#x} reported twice (overlap {a:#x}..{b:#x})"
-            );
-        }
-        let (mut start, mut stop) = (off, end);
-        if let Some((&a, &b)) = self.seen.range(..=off).next_back()
-            && b == off
-        {
-            self.seen.remove(&a);
-            start = a;
-        }
-        if let Some(&b) = self.seen.get(&end) {
-            self.seen.remove(&end);
-            stop = b;
-        }
-        self.seen.insert(start, stop);
-    }
-
-    /// The guest bytes, after checking that every one was reported.
-    pub(super) fn finish(self) -> Vec<u8> {
-        assert!(self.began, "begin never called");
-        if self.size > 0 {
-            assert_eq!(
-                self.seen.len(),
-                1,
-                "gaps in the reported ranges: {:x?}",
-                self.seen
-            );
-            assert_eq!(
-                self.seen.get(&0),
-                Some(&self.size),
-                "not every byte was reported"
-            );
-        }
-        self.bytes
-    }
-}
-
-impl ExtentSink for MemSink {
-    fn begin(&mut self, virtual_size: Option<u64>) -> crate::Result<()> {
-        assert!(!self.began, "begin called twice");
-        self.began = true;
-        self.size = virtual_size.expect("qcow2 knows its size");
-        self.bytes = vec![0xa5; self.size as usize];
-        Ok(())
-    }
-
-    fn data(&mut self, offset: u64, buf: &[u8]) -> crate::Result<()> {
-        self.mark(offset, buf.len() as u64);
-        self.bytes[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-
-    fn zero(&mut self, offset: u64, len: u64) -> crate::Result<()> {
-        self.mark(offset, len);
-        self.bytes[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-}
-
-/// Stream `image` into a [`MemSink`] with `ctx`.
-pub(super) fn stream_bytes(image: &[u8], ctx: &mut StreamContext) -> crate::Result<Vec<u8>> {
-    let mut sink = MemSink::default();
-    let mut input = image;
-    super::stream(&mut input, &mut sink, ctx)?;
-    Ok(sink.finish())
-}
-
-/// Copy a disk through `extent` (reading data runs, zero-filling zero runs), and check that
-/// `read_exact_at` over the whole disk agrees, including that zero runs read as zeroes.
-pub(super) fn copy_disk(disk: &mut dyn DiskImage) -> crate::Result<Vec<u8>> {
-    let size = disk.virtual_size();
-    let mut out = vec![0u8; size as usize];
-    let mut off = 0u64;
-    while off < size {
-        let ext = disk.extent(off, 8 << 20)?;
-        assert!(ext.len > 0, "empty extent at {off:#x}");
-        let range = off as usize..(off + ext.len) as usize;
-        if ext.kind == ExtentKind::Data {
-            disk.read_exact_at(&mut out[range], off)?;
-        } else {
-            let mut check = vec![0xffu8; ext.len as usize];
-            disk.read_exact_at(&mut check, off)?;
-            assert!(
-                check.iter().all(|&b| b == 0),
-                "zero extent at {off:#x} reads non-zero"
-            );
-        }
-        off += ext.len;
-    }
-    Ok(out)
-}
-
-fn open_bytes(image: Vec<u8>) -> crate::Result<Box<dyn DiskImage>> {
-    super::open(Arc::new(image), &OpenOptions::default())
+fn stream_bytes(image: &[u8], ctx: &mut StreamContext) -> crate::Result<Vec<u8>> {
+    stream_to_vec(super::stream, &mut &image[..], ctx)
 }
 
 fn open_copy(image: Vec<u8>) -> crate::Result<Vec<u8>> {
-    copy_disk(&mut *open_bytes(image)?)
+    read_all(&mut *open_bytes(super::open, image)?)
 }
 
 fn ctx() -> StreamContext {
     StreamContext::new(None)
-}
-
-fn assert_err(result: crate::Result<impl std::fmt::Debug>, kind: ErrorKind, text: &str) -> Error {
-    let err = result.expect_err("expected an error");
-    assert_eq!(err.kind(), kind, "wrong kind for: {err}");
-    assert!(
-        err.message().contains(text),
-        "{err:?} does not mention {text:?}"
-    );
-    err
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,7 +176,7 @@ fn sample_image_reads_identically_by_open_and_stream() {
 #[test]
 fn extents_merge_and_classify_clusters() {
     let (image, _) = sample();
-    let mut disk = open_bytes(image).unwrap();
+    let mut disk = open_bytes(super::open, image).unwrap();
     let first = disk.extent(0, u64::MAX).unwrap();
     assert_eq!((first.len, first.kind), (4096, ExtentKind::Data));
     let zero = disk.extent(4096, u64::MAX).unwrap();
@@ -505,7 +375,7 @@ fn backing_file_is_refused_by_default() {
     let info = super::probe(&image[..4096]).unwrap();
     assert_eq!(info.backing_file.as_deref(), Some("base.qcow2"));
     assert_err(
-        open_bytes(image.clone()),
+        open_bytes(super::open, image.clone()),
         ErrorKind::Unsupported,
         "backing file (\"base.qcow2\")",
     );
@@ -530,369 +400,323 @@ fn backing_file_with_parent_dir_is_refused_even_when_allowed() {
     assert!(err.message().contains("not a plain relative path"), "{err}");
 }
 
-#[test]
-fn external_data_file_is_refused() {
-    let (mut image, _) = sample();
-    image[79] |= 1 << 2;
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::Unsupported,
-        "external data file",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Unsupported,
-        "external data file",
-    );
+/// An image with one L2 table whose only entry `entry` makes (it may append what the entry
+/// maps), and the errors that must follow: from `extent` or, when `on_read`, only from reading
+/// the mapped cluster; and from streaming. Each as (kind, text the message contains).
+struct BadEntry {
+    vsize: u64,
+    entry: fn(&mut Img) -> (usize, u64),
+    on_read: bool,
+    disk: (ErrorKind, &'static str),
+    stream: (ErrorKind, &'static str),
 }
 
+/// A single bad L2 entry fails the random-access and the streaming paths.
 #[test]
-fn external_data_file_extension_is_refused_with_its_name() {
-    let (mut image, _) = sample();
-    image[112..116].copy_from_slice(&0x4441_5441u32.to_be_bytes());
-    image[116..120].copy_from_slice(&8u32.to_be_bytes());
-    image[120..128].copy_from_slice(b"data.raw");
-    assert_err(
-        super::probe(&image[..4096]),
-        ErrorKind::Unsupported,
-        "(\"data.raw\")",
-    );
+fn bad_l2_entries_are_refused_by_open_and_stream() {
+    use ErrorKind::{Corrupt, Truncated};
+    let cases = [
+        (
+            "data cluster past eof",
+            BadEntry {
+                vsize: 4 * 4096,
+                entry: |img| (1, std_entry(img.file.len() as u64 + 8 * 4096)),
+                on_read: false,
+                disk: (Corrupt, "outside the file"),
+                stream: (Truncated, "before the cluster"),
+            },
+        ),
+        (
+            "compressed cluster past eof",
+            BadEntry {
+                vsize: 4 * 4096,
+                entry: |img| (0, compressed_entry(12, img.file.len() as u64 + 100, 300)),
+                on_read: false,
+                disk: (Corrupt, "outside the file"),
+                stream: (Truncated, "before the compressed cluster"),
+            },
+        ),
+        (
+            "compressed cluster with garbage",
+            BadEntry {
+                vsize: 2 * 4096,
+                entry: |img| (0, compressed_entry(12, img.cluster(&[0xff; 4096]), 600)),
+                on_read: true,
+                disk: (Corrupt, "compressed cluster at"),
+                stream: (Corrupt, "compressed cluster at"),
+            },
+        ),
+        (
+            "compressed cluster of the wrong size",
+            BadEntry {
+                vsize: 2 * 4096,
+                entry: |img| {
+                    let packed = deflate(&[3u8; 1000]);
+                    let at = img.bytes(&packed);
+                    img.pad();
+                    (0, compressed_entry(12, at, packed.len() as u64))
+                },
+                on_read: true,
+                disk: (Corrupt, "1000 bytes instead of 4096"),
+                stream: (Corrupt, "instead of 4096"),
+            },
+        ),
+    ];
+    check_cases(cases, |case| {
+        let mut img = Img::new(12, case.vsize);
+        let l2 = img.l2(&[]);
+        img.l1(0, l2);
+        let entry = (case.entry)(&mut img);
+        img.l2_at(l2, &[entry]);
+        let mut disk = open_bytes(super::open, img.file.clone()).unwrap();
+        let (kind, text) = case.disk;
+        if case.on_read {
+            let mut buf = vec![0u8; 4096];
+            assert_err(disk.read_exact_at(&mut buf, 0), kind, text);
+        } else {
+            assert_err(disk.extent(0, u64::MAX), kind, text);
+        }
+        let (kind, text) = case.stream;
+        assert_err(stream_bytes(&img.file, &mut ctx()), kind, text);
+    });
 }
 
-#[test]
-fn aes_encryption_is_refused() {
-    let (mut image, _) = sample();
-    image[35] = 1;
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::Unsupported,
-        "encrypted (aes)",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Unsupported,
-        "encrypted (aes)",
-    );
+/// Where opening an image must fail.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// `open` itself.
+    Open,
+    /// Reading the disk after a successful `open`.
+    Read,
 }
 
-#[test]
-fn luks_encryption_is_refused() {
-    let (mut image, _) = sample();
-    image[35] = 2;
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::Unsupported,
-        "encrypted (luks)",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Unsupported,
-        "encrypted (luks)",
-    );
+/// A change to [`sample`] and the errors it must cause: opening (or reading) and, unless
+/// `None`, streaming, each as (kind, text the message contains).
+struct Refusal {
+    edit: fn(&mut Vec<u8>),
+    stage: Stage,
+    open: (ErrorKind, &'static str),
+    stream: Option<(ErrorKind, &'static str)>,
 }
 
-#[test]
-fn unknown_incompatible_bits_are_listed() {
-    let (mut image, _) = sample();
-    image[78] |= 1 << 1; // bit 9
-    image[79] |= 1 << 5; // bit 5
-    let err = assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::Unsupported,
-        "bit 5, bit 9",
-    );
-    assert!(
-        err.message().contains("unknown incompatible features"),
-        "{err}"
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Unsupported,
-        "bit 5, bit 9",
-    );
+impl Refusal {
+    /// Opening (or reading) and streaming fail alike.
+    fn same(edit: fn(&mut Vec<u8>), stage: Stage, kind: ErrorKind, text: &'static str) -> Self {
+        Refusal {
+            edit,
+            stage,
+            open: (kind, text),
+            stream: Some((kind, text)),
+        }
+    }
 }
 
+/// Both paths refuse each damaged or unsupported variant of [`sample`].
 #[test]
-fn unknown_incompatible_bit_is_named_from_the_feature_table() {
-    let (mut image, _) = sample();
-    image[79] |= 1 << 6;
-    image[112..116].copy_from_slice(&0x6803_f857u32.to_be_bytes());
-    image[116..120].copy_from_slice(&48u32.to_be_bytes());
-    image[120] = 0; // incompatible
-    image[121] = 6; // bit 6
-    image[122..131].copy_from_slice(b"teleports");
-    assert_err(
-        super::probe(&image[..4096]),
-        ErrorKind::Unsupported,
-        "bit 6 (teleports)",
-    );
+fn sample_variants_are_refused_by_open_and_stream() {
+    use ErrorKind::{Corrupt, LimitExceeded, Truncated, Unsupported};
+    use Stage::{Open, Read};
+    let cases = [
+        (
+            "external data file",
+            Refusal::same(
+                |image| image[79] |= 1 << 2,
+                Open,
+                Unsupported,
+                "external data file",
+            ),
+        ),
+        (
+            "aes encryption",
+            Refusal::same(|image| image[35] = 1, Open, Unsupported, "encrypted (aes)"),
+        ),
+        (
+            "luks encryption",
+            Refusal::same(|image| image[35] = 2, Open, Unsupported, "encrypted (luks)"),
+        ),
+        (
+            "unknown incompatible bits are listed",
+            Refusal {
+                edit: |image| {
+                    image[78] |= 1 << 1; // bit 9
+                    image[79] |= 1 << 5; // bit 5
+                },
+                stage: Open,
+                open: (Unsupported, "unknown incompatible features: bit 5, bit 9"),
+                stream: Some((Unsupported, "bit 5, bit 9")),
+            },
+        ),
+        (
+            "corrupt bit",
+            Refusal::same(|image| image[79] |= 1 << 1, Open, Corrupt, "marked corrupt"),
+        ),
+        (
+            "cluster_bits 8",
+            Refusal::same(|image| image[23] = 8, Open, Corrupt, "cluster_bits 8"),
+        ),
+        (
+            "cluster_bits 22",
+            Refusal::same(|image| image[23] = 22, Open, Unsupported, "cluster_bits 22"),
+        ),
+        (
+            "l1 table past eof",
+            Refusal {
+                edit: |image| {
+                    let past = image.len() as u64 + 4096;
+                    image[40..48].copy_from_slice(&past.to_be_bytes());
+                },
+                stage: Open,
+                open: (Corrupt, "l1 table at"),
+                stream: Some((Truncated, "before the l1 table")),
+            },
+        ),
+        (
+            "l2 table past eof",
+            Refusal {
+                edit: |image| {
+                    let past = image.len() as u64;
+                    image[2 * 4096..2 * 4096 + 8].copy_from_slice(&past.to_be_bytes());
+                },
+                stage: Open,
+                open: (Corrupt, "l2 table at"),
+                stream: Some((Truncated, "before the l2 table")),
+            },
+        ),
+        (
+            "huge virtual size",
+            Refusal::same(
+                |image| {
+                    image[24..32].copy_from_slice(&(limits::MAX_VIRTUAL_SIZE + 1).to_be_bytes());
+                },
+                Open,
+                LimitExceeded,
+                "virtual size",
+            ),
+        ),
+        (
+            "l1 size beyond the limit",
+            Refusal::same(
+                |image| {
+                    let entries = (limits::QCOW2_MAX_L1_BYTES / 8 + 1) as u32;
+                    image[36..40].copy_from_slice(&entries.to_be_bytes());
+                },
+                Open,
+                LimitExceeded,
+                "l1 table of",
+            ),
+        ),
+        (
+            "l1 smaller than the virtual size needs",
+            Refusal {
+                edit: |image| image[36..40].copy_from_slice(&2u32.to_be_bytes()),
+                stage: Open,
+                open: (Corrupt, "needs 3"),
+                stream: None,
+            },
+        ),
+        (
+            "header extension overrun",
+            Refusal {
+                edit: |image| {
+                    image[112..116].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+                    image[116..120].copy_from_slice(&5000u32.to_be_bytes());
+                },
+                stage: Open,
+                open: (Corrupt, "overruns the header area"),
+                stream: Some((Corrupt, "overruns")),
+            },
+        ),
+        (
+            "l2 entry with reserved bits",
+            Refusal::same(
+                |image| {
+                    let l2a = 3 * 4096 + 5 * 8; // entry for guest cluster 5
+                    image[l2a] |= 0x01; // bit 56
+                },
+                Read,
+                Corrupt,
+                "reserved bits",
+            ),
+        ),
+        (
+            "l1 entry with reserved bits",
+            Refusal::same(
+                |image| image[2 * 4096 + 7] |= 0x02, // bit 1
+                Open,
+                Corrupt,
+                "l1 entry 0",
+            ),
+        ),
+        (
+            "zero flag in a v2 image",
+            Refusal::same(
+                |image| image[4..8].copy_from_slice(&2u32.to_be_bytes()),
+                Read,
+                Corrupt,
+                "v2 image",
+            ),
+        ),
+    ];
+    check_cases(cases, |case| {
+        let (mut image, _) = sample();
+        (case.edit)(&mut image);
+        let (kind, text) = case.open;
+        match case.stage {
+            Stage::Open => assert_err(open_bytes(super::open, image.clone()), kind, text),
+            Stage::Read => assert_err(open_copy(image.clone()), kind, text),
+        };
+        if let Some((kind, text)) = case.stream {
+            assert_err(stream_bytes(&image, &mut ctx()), kind, text);
+        }
+    });
 }
 
+/// `probe` refuses each variant of [`sample`] from its first cluster alone.
 #[test]
-fn corrupt_bit_is_refused() {
-    let (mut image, _) = sample();
-    image[79] |= 1 << 1;
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::Corrupt,
-        "marked corrupt",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Corrupt,
-        "marked corrupt",
-    );
-}
-
-#[test]
-fn cluster_bits_8_is_refused() {
-    let (mut image, _) = sample();
-    image[23] = 8;
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::Corrupt,
-        "cluster_bits 8",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Corrupt,
-        "cluster_bits 8",
-    );
-}
-
-#[test]
-fn cluster_bits_22_is_refused() {
-    let (mut image, _) = sample();
-    image[23] = 22;
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::Unsupported,
-        "cluster_bits 22",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Unsupported,
-        "cluster_bits 22",
-    );
-}
-
-#[test]
-fn l1_table_past_eof_is_refused() {
-    let (mut image, _) = sample();
-    let past = image.len() as u64 + 4096;
-    image[40..48].copy_from_slice(&past.to_be_bytes());
-    assert_err(open_bytes(image.clone()), ErrorKind::Corrupt, "l1 table at");
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Truncated,
-        "before the l1 table",
-    );
-}
-
-#[test]
-fn l2_table_past_eof_is_refused() {
-    let (mut image, _) = sample();
-    let past = image.len() as u64;
-    image[2 * 4096..2 * 4096 + 8].copy_from_slice(&past.to_be_bytes());
-    assert_err(open_bytes(image.clone()), ErrorKind::Corrupt, "l2 table at");
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Truncated,
-        "before the l2 table",
-    );
-}
-
-#[test]
-fn data_cluster_past_eof_is_refused() {
-    let mut img = Img::new(12, 4 * 4096);
-    let l2 = img.l2(&[]);
-    img.l1(0, l2);
-    let past = img.file.len() as u64 + 8 * 4096;
-    img.l2_at(l2, &[(1, std_entry(past))]);
-    let mut disk = open_bytes(img.file.clone()).unwrap();
-    assert_err(
-        disk.extent(0, u64::MAX),
-        ErrorKind::Corrupt,
-        "outside the file",
-    );
-    assert_err(
-        stream_bytes(&img.file, &mut ctx()),
-        ErrorKind::Truncated,
-        "before the cluster",
-    );
-}
-
-#[test]
-fn compressed_cluster_past_eof_is_refused() {
-    let mut img = Img::new(12, 4 * 4096);
-    let l2 = img.l2(&[]);
-    img.l1(0, l2);
-    let past = img.file.len() as u64 + 100;
-    img.l2_at(l2, &[(0, compressed_entry(12, past, 300))]);
-    let mut disk = open_bytes(img.file.clone()).unwrap();
-    assert_err(
-        disk.extent(0, u64::MAX),
-        ErrorKind::Corrupt,
-        "outside the file",
-    );
-    assert_err(
-        stream_bytes(&img.file, &mut ctx()),
-        ErrorKind::Truncated,
-        "before the compressed cluster",
-    );
-}
-
-#[test]
-fn huge_virtual_size_is_limit_exceeded() {
-    let (mut image, _) = sample();
-    image[24..32].copy_from_slice(&(limits::MAX_VIRTUAL_SIZE + 1).to_be_bytes());
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::LimitExceeded,
-        "virtual size",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::LimitExceeded,
-        "virtual size",
-    );
-}
-
-#[test]
-fn l1_size_beyond_limit_is_limit_exceeded() {
-    let (mut image, _) = sample();
-    let entries = (limits::QCOW2_MAX_L1_BYTES / 8 + 1) as u32;
-    image[36..40].copy_from_slice(&entries.to_be_bytes());
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::LimitExceeded,
-        "l1 table of",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::LimitExceeded,
-        "l1 table of",
-    );
-}
-
-#[test]
-fn l1_smaller_than_the_virtual_size_needs_is_corrupt() {
-    let (mut image, _) = sample();
-    image[36..40].copy_from_slice(&2u32.to_be_bytes());
-    assert_err(open_bytes(image), ErrorKind::Corrupt, "needs 3");
-}
-
-#[test]
-fn header_extension_overrun_is_refused() {
-    let (mut image, _) = sample();
-    image[112..116].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    image[116..120].copy_from_slice(&5000u32.to_be_bytes());
-    assert_err(
-        open_bytes(image.clone()),
-        ErrorKind::Corrupt,
-        "overruns the header area",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Corrupt,
-        "overruns",
-    );
-}
-
-#[test]
-fn header_length_beyond_the_cluster_is_refused() {
-    let (mut image, _) = sample();
-    image[100..104].copy_from_slice(&8192u32.to_be_bytes());
-    assert_err(
-        super::probe(&image[..4096]),
-        ErrorKind::Corrupt,
-        "exceeds the cluster size",
-    );
-}
-
-#[test]
-fn compressed_cluster_with_garbage_is_corrupt() {
-    let mut img = Img::new(12, 2 * 4096);
-    let l2 = img.l2(&[]);
-    img.l1(0, l2);
-    let at = img.cluster(&[0xff; 4096]);
-    img.l2_at(l2, &[(0, compressed_entry(12, at, 600))]);
-    let mut disk = open_bytes(img.file.clone()).unwrap();
-    let mut buf = vec![0u8; 4096];
-    assert_err(
-        disk.read_exact_at(&mut buf, 0),
-        ErrorKind::Corrupt,
-        "compressed cluster at",
-    );
-    assert_err(
-        stream_bytes(&img.file, &mut ctx()),
-        ErrorKind::Corrupt,
-        "compressed cluster at",
-    );
-}
-
-#[test]
-fn compressed_cluster_of_the_wrong_size_is_corrupt() {
-    let mut img = Img::new(12, 2 * 4096);
-    let l2 = img.l2(&[]);
-    img.l1(0, l2);
-    let packed = deflate(&[3u8; 1000]);
-    let at = img.bytes(&packed);
-    img.pad();
-    img.l2_at(l2, &[(0, compressed_entry(12, at, packed.len() as u64))]);
-    let mut disk = open_bytes(img.file.clone()).unwrap();
-    let mut buf = vec![0u8; 4096];
-    assert_err(
-        disk.read_exact_at(&mut buf, 0),
-        ErrorKind::Corrupt,
-        "1000 bytes instead of 4096",
-    );
-    assert_err(
-        stream_bytes(&img.file, &mut ctx()),
-        ErrorKind::Corrupt,
-        "instead of 4096",
-    );
-}
-
-#[test]
-fn l2_entry_with_reserved_bits_is_corrupt() {
-    let (mut image, _) = sample();
-    let l2a = 3 * 4096 + 5 * 8; // entry for guest cluster 5
-    image[l2a] |= 0x01; // bit 56
-    assert_err(
-        open_copy(image.clone()),
-        ErrorKind::Corrupt,
-        "reserved bits",
-    );
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Corrupt,
-        "reserved bits",
-    );
-}
-
-#[test]
-fn l1_entry_with_reserved_bits_is_corrupt() {
-    let (mut image, _) = sample();
-    image[2 * 4096 + 7] |= 0x02; // bit 1
-    assert_err(open_bytes(image.clone()), ErrorKind::Corrupt, "l1 entry 0");
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Corrupt,
-        "l1 entry 0",
-    );
-}
-
-#[test]
-fn zero_flag_in_a_v2_image_is_corrupt() {
-    let (mut image, _) = sample();
-    image[4..8].copy_from_slice(&2u32.to_be_bytes());
-    assert_err(open_copy(image.clone()), ErrorKind::Corrupt, "v2 image");
-    assert_err(
-        stream_bytes(&image, &mut ctx()),
-        ErrorKind::Corrupt,
-        "v2 image",
-    );
+fn sample_variants_are_refused_by_probe() {
+    type Edit = fn(&mut Vec<u8>);
+    let cases: [(&str, (Edit, ErrorKind, &str)); 3] = [
+        (
+            "external data file extension names the file",
+            (
+                |image| {
+                    image[112..116].copy_from_slice(&0x4441_5441u32.to_be_bytes());
+                    image[116..120].copy_from_slice(&8u32.to_be_bytes());
+                    image[120..128].copy_from_slice(b"data.raw");
+                },
+                ErrorKind::Unsupported,
+                "(\"data.raw\")",
+            ),
+        ),
+        (
+            "unknown incompatible bit is named from the feature table",
+            (
+                |image| {
+                    image[79] |= 1 << 6;
+                    image[112..116].copy_from_slice(&0x6803_f857u32.to_be_bytes());
+                    image[116..120].copy_from_slice(&48u32.to_be_bytes());
+                    image[120] = 0; // incompatible
+                    image[121] = 6; // bit 6
+                    image[122..131].copy_from_slice(b"teleports");
+                },
+                ErrorKind::Unsupported,
+                "bit 6 (teleports)",
+            ),
+        ),
+        (
+            "header length beyond the cluster",
+            (
+                |image| image[100..104].copy_from_slice(&8192u32.to_be_bytes()),
+                ErrorKind::Corrupt,
+                "exceeds the cluster size",
+            ),
+        ),
+    ];
+    check_cases(cases, |(edit, kind, text)| {
+        let (mut image, _) = sample();
+        edit(&mut image);
+        assert_err(super::probe(&image[..4096]), kind, text);
+    });
 }
 
 #[test]
@@ -928,7 +752,7 @@ fn truncated_stream_inside_data_names_the_cluster() {
     );
 }
 
-/// Like [`copy_disk`] but stops at the first error instead of asserting.
+/// Like [`read_all`] but stops at the first error instead of asserting.
 fn copy_disk_lenient(disk: &mut dyn DiskImage) -> crate::Result<()> {
     let size = disk.virtual_size();
     let mut off = 0;
@@ -977,7 +801,7 @@ impl std::io::Read for Chunky<'_> {
 #[test]
 fn stream_from_short_reads_matches() {
     let (image, want) = data_before_table();
-    let mut sink = MemSink::default();
+    let mut sink = CheckingSink::default();
     let mut input = Chunky {
         data: &image,
         step: 0,
@@ -1030,7 +854,7 @@ fn random_corruption_never_panics() {
         }
         let mut input = &bytes[..];
         let _ = super::stream(&mut input, &mut NullSink, &mut ctx());
-        if let Ok(mut disk) = open_bytes(bytes) {
+        if let Ok(mut disk) = open_bytes(super::open, bytes) {
             let _ = copy_disk_lenient(&mut *disk);
         }
     }
@@ -1081,7 +905,7 @@ fn unused_zero_tail_of_a_compressed_cluster_is_not_held_back() {
     let host = img.cluster(&data);
     img.l2_at(l2b, &[(0, std_entry(host))]);
     want[4096 * 512..4096 * 513].copy_from_slice(&data);
-    let mut sink = MemSink::default();
+    let mut sink = CheckingSink::default();
     let mut input = &img.file[..];
     let peaks = super::stream::stream_with_peaks(&mut input, &mut sink, &mut ctx()).unwrap();
     assert_eq!(sink.finish(), want);
@@ -1114,7 +938,7 @@ fn refcount_blocks_and_a_data_cluster_named_by_the_refcount_table_still_stream()
     let (mut image, want) = sample();
     image[4096..4104].copy_from_slice(&(3u64 * 4096).to_be_bytes());
     image[4104..4112].copy_from_slice(&(5u64 * 4096).to_be_bytes());
-    let mut sink = MemSink::default();
+    let mut sink = CheckingSink::default();
     let mut input = &image[..];
     let peaks = super::stream::stream_with_peaks(&mut input, &mut sink, &mut ctx()).unwrap();
     assert_eq!(sink.finish(), want);
@@ -1138,7 +962,7 @@ fn stream_reads_the_input_to_its_end() {
     let (mut image, want) = sample();
     image.extend_from_slice(&[0x77; 3 * 4096 + 100]);
     let mut input = &image[..];
-    let mut sink = MemSink::default();
+    let mut sink = CheckingSink::default();
     super::stream(&mut input, &mut sink, &mut ctx()).unwrap();
     assert_eq!(sink.finish(), want);
     assert!(input.is_empty(), "{} bytes left unread", input.len());
@@ -1159,7 +983,7 @@ fn stream_cut_after_the_last_needed_byte_but_before_a_refcount_block_fails() {
         "refcount block",
     );
     assert_err(
-        open_bytes(cut.to_vec()),
+        open_bytes(super::open, cut.to_vec()),
         ErrorKind::Corrupt,
         "refcount block at",
     );

@@ -1,237 +1,132 @@
-//! Test helpers shared by the vmdk, vhd, vhdx and vdi tests: a qemu-img oracle, a raw fixture
-//! with data, patterns and holes, a full read through `DiskImage`, and a sink that checks every
-//! guest byte is reported exactly once.
+//! VMDK images built in code for the tests: monolithicSparse (tables first or last),
+//! streamOptimized with markers and a footer, a sparse header naming a parent. The helpers
+//! shared with the other formats' tests live in `crate::testutil`.
 
-use std::path::Path;
-use std::process::Command;
+use std::io::Write;
 
-use crate::error::Result;
-use crate::image::{DiskImage, ExtentKind, ExtentSink};
+use flate2::Compression;
+use flate2::write::ZlibEncoder;
 
-/// True when `qemu-img` runs; otherwise prints the skip line the test policy asks for.
-pub(crate) fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        println!("SKIPPED: qemu-img is not installed");
-    }
-    ok
+/// Grain size of the built images: 8 sectors (4 KiB), so tiny images have several grains.
+const GRAIN_SECTORS: u64 = 8;
+
+/// A sparse header: flags, capacity and the table/metadata offsets (all in sectors).
+pub(super) fn header(flags: u32, capacity: u64, gd_offset: u64, overhead: u64) -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    h[0..4].copy_from_slice(b"KDMV"); // magic
+    h[4..8].copy_from_slice(&1u32.to_le_bytes()); // version
+    h[8..12].copy_from_slice(&flags.to_le_bytes()); // flags
+    h[12..20].copy_from_slice(&capacity.to_le_bytes()); // capacity
+    h[20..28].copy_from_slice(&GRAIN_SECTORS.to_le_bytes()); // grainSize
+    h[44..48].copy_from_slice(&512u32.to_le_bytes()); // numGTEsPerGT
+    h[56..64].copy_from_slice(&gd_offset.to_le_bytes()); // gdOffset
+    h[64..72].copy_from_slice(&overhead.to_le_bytes()); // overHead
+    h[73..77].copy_from_slice(b"\n \r\n"); // newline check characters
+    h[77..79].copy_from_slice(&1u16.to_le_bytes()); // compressAlgorithm (deflate)
+    h
 }
 
-/// Run `qemu-img` with `args`, panicking with its stderr on failure.
-pub(crate) fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// monolithicSparse: header, GD at sector 1, one GT at sectors 2..6, grains from sector 6.
+/// `grains` lists (guest grain index, fill byte); capacity is 64 grains (256 KiB).
+pub(super) fn build_sparse(grains: &[(u32, u8)]) -> Vec<u8> {
+    let mut img = header(1, 64 * GRAIN_SECTORS, 1, 6);
+    img.resize(6 * 512, 0);
+    img[512..516].copy_from_slice(&2u32.to_le_bytes()); // GD[0] -> GT at sector 2
+    for (n, &(index, fill)) in grains.iter().enumerate() {
+        let sector = 6 + n as u32 * GRAIN_SECTORS as u32;
+        let gte = 1024 + index as usize * 4;
+        img[gte..gte + 4].copy_from_slice(&sector.to_le_bytes());
+        img.extend(std::iter::repeat_n(fill, 4096));
+    }
+    img
 }
 
-/// Convert `image` (format `fmt`) to raw with qemu-img and return the bytes.
-pub(crate) fn qemu_raw(image: &Path, fmt: &str) -> Vec<u8> {
-    let out = image.with_extension("oracle.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        fmt,
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    std::fs::read(out).unwrap()
+/// monolithicSparse with the tables after the grains: header, grains from sector 1, then the
+/// GD and one GT. Valid for random access, not streamable without scratch space.
+pub(super) fn build_sparse_tables_last(grains: &[(u32, u8)]) -> Vec<u8> {
+    let gd_sector = 1 + grains.len() as u64 * GRAIN_SECTORS;
+    let mut img = header(1, 64 * GRAIN_SECTORS, gd_sector, 1);
+    for &(_, fill) in grains {
+        img.extend(std::iter::repeat_n(fill, 4096));
+    }
+    let mut gd = (gd_sector as u32 + 1).to_le_bytes().to_vec();
+    pad(&mut gd);
+    img.extend(gd);
+    let mut gt = vec![0u8; 2048];
+    for (n, &(index, _)) in grains.iter().enumerate() {
+        let sector = 1 + n as u32 * GRAIN_SECTORS as u32;
+        gt[index as usize * 4..index as usize * 4 + 4].copy_from_slice(&sector.to_le_bytes());
+    }
+    img.extend(gt);
+    img
 }
 
-/// Deterministic pseudo-random bytes (xorshift64), so failures reproduce.
-fn noise(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
-    for b in buf {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = (x >> 24) as u8;
-    }
+/// A sparse header whose embedded descriptor names a parent disk.
+pub(super) fn sparse_with_parent() -> Vec<u8> {
+    let mut img = header(1, 64 * GRAIN_SECTORS, 3, 8);
+    img[28..36].copy_from_slice(&1u64.to_le_bytes()); // descriptorOffset
+    img[36..44].copy_from_slice(&1u64.to_le_bytes()); // descriptorSize
+    let mut desc =
+        b"# Disk DescriptorFile\nparentCID=12345678\nparentFileNameHint=\"base.vmdk\"\n".to_vec();
+    desc.resize(512, 0);
+    img.extend(desc);
+    img.resize(8 * 512, 0);
+    img
 }
 
-/// Size of the standard fixture: 20 MiB plus 12 KiB, so it is not a multiple of any grain,
-/// block or cluster size.
-pub(crate) const MIXED_SIZE: u64 = (20 << 20) + (12 << 10);
-
-/// Write a raw image of [`MIXED_SIZE`] with random runs, repeated patterns and zero gaps,
-/// with boundaries that are not block aligned.
-pub(crate) fn write_mixed_raw(path: &Path) {
-    let size = MIXED_SIZE as usize;
-    let mut data = vec![0u8; size];
-    let mib = 1 << 20;
-    // (start, len, what): 0 = random, otherwise a repeated byte.
-    let runs: &[(usize, usize, u8)] = &[
-        (0, mib, 0),
-        (3 * mib, 100_000, 0xab),
-        (5 * mib + 4096, 2 * mib + 12_345, 0),
-        (9 * mib + 512, 512, 0x11),
-        (12 * mib, 3 * mib, 0),
-        (16 * mib + 70_000, 1_000, 0x5a),
-        (size - 8192, 8192, 0),
-    ];
-    for (i, &(start, len, what)) in runs.iter().enumerate() {
-        let piece = &mut data[start..start + len];
-        if what == 0 {
-            noise(piece, 0x9e37_79b9_7f4a_7c15 ^ i as u64);
-        } else {
-            piece.fill(what);
-        }
-    }
-    std::fs::write(path, data).unwrap();
+pub(super) fn zlib(data: &[u8]) -> Vec<u8> {
+    let mut enc = ZlibEncoder::new(Vec::new(), Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
 }
 
-/// Read the whole disk through `extent` and `read_exact_at`, with odd lengths so run and read
-/// boundaries fall inside grains and blocks. Zero runs are checked against the data too.
-pub(crate) fn read_all(img: &mut dyn DiskImage) -> Result<Vec<u8>> {
-    let size = usize::try_from(img.virtual_size()).unwrap();
-    let mut out = vec![0u8; size];
-    let mut pos = 0u64;
-    while (pos as usize) < size {
-        let ext = img.extent(pos, 3 * (1 << 20) + 512)?;
-        assert!(ext.len > 0, "extent at {pos} has length 0");
-        let end = (pos + ext.len) as usize;
-        if ext.kind == ExtentKind::Data {
-            let mut at = pos as usize;
-            while at < end {
-                let n = (end - at).min(777_777);
-                img.read_exact_at(&mut out[at..at + n], at as u64)?;
-                at += n;
-            }
-        }
-        pos = end as u64;
-    }
-    Ok(out)
+/// Pad to a whole sector.
+fn pad(v: &mut Vec<u8>) {
+    v.resize(v.len().div_ceil(512) * 512, 0);
 }
 
-/// A sink that keeps the guest bytes and fails on any byte reported twice or never.
-#[derive(Default)]
-pub(crate) struct CheckingSink {
-    pub size: Option<u64>,
-    data: Vec<u8>,
-    seen: Vec<bool>,
+fn metadata_marker(sectors: u64, kind: u32) -> Vec<u8> {
+    let mut m = vec![0u8; 512];
+    m[0..8].copy_from_slice(&sectors.to_le_bytes());
+    m[12..16].copy_from_slice(&kind.to_le_bytes());
+    m
 }
 
-impl CheckingSink {
-    fn mark(&mut self, offset: u64, len: u64) {
-        let start = offset as usize;
-        let end = start + len as usize;
-        assert!(
-            end <= self.seen.len(),
-            "range {start}..{end} is past the disk end {}",
-            self.seen.len()
-        );
-        let first_dup = self.seen[start..end].iter().position(|s| *s);
-        assert!(
-            first_dup.is_none(),
-            "byte {} reported twice",
-            start + first_dup.unwrap_or(0)
-        );
-        self.seen[start..end].fill(true);
+/// VMware's streamOptimized layout: header with the grain directory "at end", grains with
+/// markers, then GT marker + GT, GD marker + GD, footer marker + footer, end-of-stream.
+/// `grains` lists (guest grain index, zlib payload); capacity is 64 grains.
+pub(super) fn build_stream_optimized(grains: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let flags = 1 | (1 << 16) | (1 << 17);
+    let capacity = 64 * GRAIN_SECTORS;
+    let mut img = header(flags, capacity, u64::MAX, 1);
+    let mut gt = vec![0u8; 2048];
+    for (index, payload) in grains {
+        let sector = (img.len() / 512) as u32;
+        gt[*index as usize * 4..*index as usize * 4 + 4].copy_from_slice(&sector.to_le_bytes());
+        img.extend_from_slice(&(index * GRAIN_SECTORS).to_le_bytes()); // lba
+        img.extend_from_slice(&(payload.len() as u32).to_le_bytes()); // size
+        img.extend_from_slice(payload);
+        pad(&mut img);
     }
-
-    /// The disk, after checking every byte was reported.
-    pub(crate) fn finish(self) -> Vec<u8> {
-        let missing = self.seen.iter().position(|s| !*s);
-        assert!(
-            missing.is_none(),
-            "byte {} was never reported",
-            missing.unwrap_or(0)
-        );
-        self.data
-    }
+    img.extend(metadata_marker(4, 1));
+    let gt_sector = (img.len() / 512) as u32;
+    img.extend_from_slice(&gt);
+    img.extend(metadata_marker(1, 2));
+    let gd_sector = (img.len() / 512) as u64;
+    let mut gd = gt_sector.to_le_bytes().to_vec();
+    pad(&mut gd);
+    img.extend(gd);
+    img.extend(metadata_marker(1, 3));
+    img.extend(header(flags, capacity, gd_sector, 1));
+    img.extend(metadata_marker(0, 0));
+    img
 }
 
-impl ExtentSink for CheckingSink {
-    fn begin(&mut self, virtual_size: Option<u64>) -> Result<()> {
-        assert!(self.size.is_none(), "begin called twice");
-        let size = virtual_size.expect("size known up front");
-        self.size = Some(size);
-        self.data = vec![0u8; size as usize];
-        self.seen = vec![false; size as usize];
-        Ok(())
+/// The guest disk of a built image: 64 grains of 4 KiB, `grains` (index, fill byte) filled.
+pub(super) fn expected_disk(grains: &[(u64, u8)]) -> Vec<u8> {
+    let mut disk = vec![0u8; 64 * 4096];
+    for &(index, fill) in grains {
+        disk[index as usize * 4096..(index as usize + 1) * 4096].fill(fill);
     }
-
-    fn data(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.mark(offset, buf.len() as u64);
-        self.data[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-
-    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.mark(offset, len);
-        Ok(())
-    }
-}
-
-/// Compare two disks and name the first differing byte instead of dumping megabytes.
-pub(crate) fn assert_same_disk(ours: &[u8], oracle: &[u8]) {
-    assert_eq!(ours.len(), oracle.len(), "disk sizes differ");
-    let diff = ours.iter().zip(oracle).position(|(a, b)| a != b);
-    assert!(
-        diff.is_none(),
-        "disks differ first at byte {}",
-        diff.unwrap_or(0)
-    );
-}
-
-/// Walk up to 256 extents (and read up to 64 KiB of each) of an image that may be hostile,
-/// without assuming its claimed size fits in memory. Errors are fine; panics and zero-length
-/// runs inside the disk are not.
-pub(crate) fn exercise(img: &mut dyn DiskImage) {
-    let size = img.virtual_size();
-    let mut buf = vec![0u8; 64 << 10];
-    let mut pos = 0u64;
-    for _ in 0..256 {
-        if pos >= size {
-            return;
-        }
-        let Ok(ext) = img.extent(pos, 1 << 20) else {
-            return;
-        };
-        assert!(
-            ext.len > 0 && ext.len <= 1 << 20,
-            "bad run length {} at {pos}",
-            ext.len
-        );
-        let n = ext.len.min(buf.len() as u64) as usize;
-        let _ = img.read_exact_at(&mut buf[..n], pos);
-        pos += ext.len;
-    }
-}
-
-/// A sink for hostile streams: checks every report lies inside the announced size, keeps
-/// nothing.
-#[derive(Default)]
-pub(crate) struct BoundsSink {
-    size: Option<u64>,
-}
-
-impl ExtentSink for BoundsSink {
-    fn begin(&mut self, virtual_size: Option<u64>) -> Result<()> {
-        self.size = virtual_size;
-        Ok(())
-    }
-
-    fn data(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.zero(offset, buf.len() as u64)
-    }
-
-    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
-        let size = self.size.expect("begin before data");
-        assert!(
-            offset.checked_add(len).is_some_and(|end| end <= size),
-            "{offset}+{len} past {size}"
-        );
-        Ok(())
-    }
+    disk
 }

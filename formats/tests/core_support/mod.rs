@@ -7,15 +7,16 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-/// Deterministic pseudo-random bytes (xorshift), so fixtures need no checked-in data.
+/// Deterministic pseudo-random bytes (xorshift64*), so fixtures need no checked-in data and do
+/// not compress. The seed is mixed first, so neighbouring seeds give different streams.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
     }
     out.truncate(len);
     out
@@ -45,6 +46,15 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// True when qemu-img and qemu-io run; otherwise prints the skip line the test policy asks for.
+pub fn have_qemu() -> bool {
+    if have("qemu-img") && have("qemu-io") {
+        return true;
+    }
+    println!("SKIPPED: qemu-img/qemu-io not installed (apt-get install qemu-utils)");
+    false
+}
+
 /// Run a command and require success.
 pub fn run(cmd: &mut Command) {
     let out = cmd
@@ -52,9 +62,25 @@ pub fn run(cmd: &mut Command) {
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
     );
+}
+
+/// `qemu-img <args> <paths>`.
+pub fn qemu_img(args: &[&str], paths: &[&Path]) {
+    run(Command::new("qemu-img").args(args).args(paths));
+}
+
+/// `qemu-io -f fmt -c <cmd>... image`.
+pub fn qemu_io<S: AsRef<str>>(image: &Path, fmt: &str, cmds: &[S]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd.as_ref());
+    }
+    run(c.arg(image));
 }
 
 pub fn gzip(data: &[u8]) -> Vec<u8> {
