@@ -181,13 +181,18 @@ pub fn convert_path(
         Sniffed::Format(ImageFormat::Qcow2) if opts.backing != BackingPolicy::Deny => {
             Some(InPlace::Open(ImageFormat::Qcow2))
         }
-        Sniffed::Format(ImageFormat::Raw | ImageFormat::Iso)
-            if file_size >= VHD_FOOTER_LEN as u64 =>
-        {
+        Sniffed::Format(f @ (ImageFormat::Raw | ImageFormat::Iso)) => {
             let mut tail = [0u8; VHD_FOOTER_LEN];
-            FileExt::read_exact_at(&file, &mut tail, file_size - VHD_FOOTER_LEN as u64)
-                .map_err(|e| Error::io(format!("reading the end of {}", path.display()), e))?;
-            vhd_fixed_footer(&tail).map(|_| InPlace::Open(ImageFormat::Vhd))
+            let fixed_vhd = file_size >= VHD_FOOTER_LEN as u64 && {
+                FileExt::read_exact_at(&file, &mut tail, file_size - VHD_FOOTER_LEN as u64)
+                    .map_err(|e| Error::io(format!("reading the end of {}", path.display()), e))?;
+                vhd_fixed_footer(&tail).is_some()
+            };
+            Some(if fixed_vhd {
+                InPlace::Open(ImageFormat::Vhd)
+            } else {
+                InPlace::Raw(f)
+            })
         }
         _ => None,
     };
@@ -197,6 +202,16 @@ pub fn convert_path(
 
     let input_bytes = Arc::new(AtomicU64::new(0));
     let (format, mut image) = match in_place {
+        InPlace::Raw(format) => {
+            let seeker = file
+                .try_clone()
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let src: Arc<dyn ReadAt> =
+                Arc::new(CountingReadAt::new(Arc::new(file), input_bytes.clone()));
+            let image: Box<dyn DiskImage> =
+                Box::new(raw::RawFile::new(format, seeker, src, file_size));
+            (format, image)
+        }
         InPlace::Open(format) => {
             let src: Arc<dyn ReadAt> =
                 Arc::new(CountingReadAt::new(Arc::new(file), input_bytes.clone()));
@@ -235,6 +250,8 @@ pub fn convert_path(
 
 /// How [`convert_path`] opens a file it does not stream.
 enum InPlace {
+    /// Raw or ISO: read in place so the source's holes are skipped, not read.
+    Raw(ImageFormat),
     Open(ImageFormat),
     VmdkDescriptor,
 }

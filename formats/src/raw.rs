@@ -112,6 +112,116 @@ fn sized(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
     buf
 }
 
+/// A local raw (or ISO) file read in place, holes and all: the file system says where its data
+/// is (`SEEK_DATA`/`SEEK_HOLE`), so a sparse source's holes become zero ranges without being
+/// read, as `qemu-img convert` does. Data runs are still scanned for zero blocks by the sink.
+pub struct RawFile {
+    format: crate::detect::ImageFormat,
+    /// For `lseek`; reads go through `src` so they are counted.
+    file: std::fs::File,
+    src: std::sync::Arc<dyn crate::read_at::ReadAt>,
+    size: u64,
+    /// False once the file system refused `SEEK_DATA`: everything then reads as data.
+    seekable: bool,
+}
+
+impl std::fmt::Debug for RawFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawFile")
+            .field("format", &self.format)
+            .field("size", &self.size)
+            .field("seekable", &self.seekable)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawFile {
+    /// `file` opened for reading, `size` bytes long; reads go through `src` (the same file).
+    pub fn new(
+        format: crate::detect::ImageFormat,
+        file: std::fs::File,
+        src: std::sync::Arc<dyn crate::read_at::ReadAt>,
+        size: u64,
+    ) -> Self {
+        RawFile {
+            format,
+            file,
+            src,
+            size,
+            seekable: true,
+        }
+    }
+
+    /// Where the next data at or after `offset` starts (`size` when none), or `None` when the
+    /// file system cannot tell.
+    fn next_data(&self, offset: u64) -> Option<u64> {
+        use nix::unistd::{Whence, lseek};
+        let at = i64::try_from(offset).ok()?;
+        match lseek(&self.file, at, Whence::SeekData) {
+            Ok(pos) => u64::try_from(pos).ok(),
+            // No data after `offset`: the rest is a hole.
+            Err(nix::errno::Errno::ENXIO) => Some(self.size),
+            Err(_) => None,
+        }
+    }
+
+    fn next_hole(&self, offset: u64) -> Option<u64> {
+        use nix::unistd::{Whence, lseek};
+        let at = i64::try_from(offset).ok()?;
+        lseek(&self.file, at, Whence::SeekHole)
+            .ok()
+            .and_then(|pos| u64::try_from(pos).ok())
+    }
+}
+
+impl crate::image::DiskImage for RawFile {
+    fn format(&self) -> crate::detect::ImageFormat {
+        self.format
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn extent(&mut self, offset: u64, max_len: u64) -> Result<crate::image::Extent> {
+        use crate::image::{Extent, ExtentKind};
+        let left = self.size.saturating_sub(offset).min(max_len);
+        if left == 0 {
+            return Ok(Extent {
+                len: 0,
+                kind: ExtentKind::Data,
+            });
+        }
+        let data = |len: u64| Extent {
+            len,
+            kind: ExtentKind::Data,
+        };
+        if !self.seekable {
+            return Ok(data(left));
+        }
+        let Some(next_data) = self.next_data(offset) else {
+            self.seekable = false;
+            return Ok(data(left));
+        };
+        if next_data > offset {
+            return Ok(Extent {
+                len: (next_data - offset).min(left),
+                kind: ExtentKind::Zero,
+            });
+        }
+        // Data at `offset`; it runs to the next hole (the end of the file at the latest). A
+        // file that changed under us only shortens or lengthens a run; never zero-length.
+        let hole = self.next_hole(offset).unwrap_or(self.size);
+        Ok(data(hole.saturating_sub(offset).clamp(1, left)))
+    }
+
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.src
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(format!("reading image data at {offset}"), e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +377,46 @@ mod tests {
         };
         let err = stream(&mut &data[..], &mut Collect::default(), Some(&lying), None).unwrap_err();
         assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt);
+    }
+    #[test]
+    fn local_sparse_raw_skips_holes_and_gives_the_same_disk() {
+        use crate::convert::{ConvertOptions, convert_path};
+        use crate::target::FileTarget;
+        use std::os::unix::fs::FileExt;
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("sparse.raw");
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 * MIB).unwrap();
+        // Two data islands in a 64 MiB hole.
+        let island = image(3 * MIB as usize + 5000);
+        f.write_all_at(&island, 5 * MIB).unwrap();
+        f.write_all_at(&island[..700_000], 40 * MIB + 123).unwrap();
+        drop(f);
+        let expected = std::fs::read(&src).unwrap();
+
+        let out = dir.path().join("out.raw");
+        let mut t = FileTarget::create(&out).unwrap();
+        let report = convert_path(&src, &mut t, &ConvertOptions::default()).unwrap();
+        assert_eq!(report.format, ImageFormat::Raw);
+        assert_eq!(report.virtual_size, 64 * MIB);
+        assert_eq!(std::fs::read(&out).unwrap(), expected);
+        // Where the file system reports holes (every Linux one the tests run on), only the
+        // data islands are read, in whole file-system blocks.
+        let probe = std::fs::File::open(&src).unwrap();
+        let reports_holes =
+            nix::unistd::lseek(&probe, 0, nix::unistd::Whence::SeekData) == Ok(5 * MIB as i64);
+        if reports_holes {
+            assert!(
+                report.input_bytes < 8 * MIB,
+                "holes were read: {} bytes",
+                report.input_bytes
+            );
+        } else {
+            println!("SKIPPED hole check: this file system does not report holes");
+        }
+        // Holes in the source are holes in the output.
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&out).unwrap().blocks() * 512 < 16 * MIB);
     }
 }

@@ -289,6 +289,26 @@ impl TargetSink<'_> {
         Ok(())
     }
 
+    /// Carry out the `(zero, start, end)` runs that [`TargetSink::scan`] found in the chunk at
+    /// `offset`: zero runs become zero ranges, data runs go to `write(self, at, start, end)`.
+    /// Stops at the first error.
+    fn apply(
+        &mut self,
+        offset: u64,
+        segments: &[(bool, usize, usize)],
+        mut write: impl FnMut(&mut Self, u64, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        for &(zero, start, end) in segments {
+            let at = offset + start as u64;
+            if zero {
+                self.zero_range(at, (end - start) as u64)?;
+            } else {
+                write(self, at, start, end)?;
+            }
+        }
+        Ok(())
+    }
+
     fn write_data(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
@@ -336,18 +356,9 @@ impl ExtentSink for TargetSink<'_> {
         self.admit(offset, buf.len() as u64)?;
         // Each run of non-zero blocks is written at once; zero runs become zero ranges.
         let segments = self.scan(offset, buf);
-        let mut res = Ok(());
-        for &(zero, start, end) in &segments {
-            let at = offset + start as u64;
-            res = if zero {
-                self.zero_range(at, (end - start) as u64)
-            } else {
-                self.write_data(at, &buf[start..end])
-            };
-            if res.is_err() {
-                break;
-            }
-        }
+        let res = self.apply(offset, &segments, |s, at, start, end| {
+            s.write_data(at, &buf[start..end])
+        });
         self.segments = segments;
         res
     }
@@ -382,22 +393,13 @@ impl ExtentSink for TargetSink<'_> {
         if let Out::Piped(pipe) = &mut self.out {
             pipe.give_back(buf);
         }
-        let mut res = Ok(());
-        for &(zero, start, end) in &segments {
-            let at = offset + start as u64;
-            res = if zero {
-                self.zero_range(at, (end - start) as u64)
-            } else {
-                self.totals.data_bytes += (end - start) as u64;
-                match &mut self.out {
-                    Out::Piped(pipe) => pipe.write_lent(at, start, end),
-                    _ => Ok(()),
-                }
-            };
-            if res.is_err() {
-                break;
+        let res = self.apply(offset, &segments, |s, at, start, end| {
+            s.totals.data_bytes += (end - start) as u64;
+            match &mut s.out {
+                Out::Piped(pipe) => pipe.write_lent(at, start, end),
+                _ => Ok(()),
             }
-        }
+        });
         self.segments = segments;
         res?;
         match &mut self.out {
