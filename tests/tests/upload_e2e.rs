@@ -799,7 +799,7 @@ fn upload_completed_server_answers_409_until_it_exits() {
     }
     let env = env();
     let fx = qemu::fixtures(&env.dir.join("img"), IMAGE_SIZE).unwrap();
-    // A longer grace than the default second, so the checks below fit on a busy machine.
+    // A longer grace than the default half second, so the checks below fit on a busy machine.
     let mut server = UploadServer::start(
         &env.pki,
         &env.dir.join("s1"),

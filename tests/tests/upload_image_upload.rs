@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cdi_tests::fault::{FaultProxy, ProxyFault};
-use cdi_tests::{KillOnDrop, cdi_bin, have, qemu, skip};
+use cdi_tests::{KillOnDrop, cdi_bin, have_all, qemu};
 
 /// Volume and image size: small, the data path has its own tests.
 const IMAGE_SIZE: u64 = 8 << 20;
@@ -50,8 +50,7 @@ fn volume_image(dir: &Path) -> Option<PathBuf> {
 
 #[test]
 fn upload_image_upload_creates_dv_and_uploads_qcow2_gz() {
-    if !have("qemu-img") || !have("qemu-io") {
-        skip("qemu-img/qemu-io are not installed");
+    if !have_all(&["qemu-img", "qemu-io"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -210,8 +209,7 @@ fn resume_after_a_cut_at_half(image: &Path, size: &str, oracle: &Path, data: &Pa
 
 #[test]
 fn upload_image_upload_resumes_raw_after_a_drop_at_half() {
-    if !have("qemu-img") || !have("qemu-io") {
-        skip("qemu-img/qemu-io are not installed");
+    if !have_all(&["qemu-img", "qemu-io"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -222,8 +220,7 @@ fn upload_image_upload_resumes_raw_after_a_drop_at_half() {
 
 #[test]
 fn upload_image_upload_resumes_qcow2_through_the_streaming_decoder() {
-    if !have("qemu-img") || !have("qemu-io") {
-        skip("qemu-img/qemu-io are not installed");
+    if !have_all(&["qemu-img", "qemu-io"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -236,8 +233,7 @@ fn upload_image_upload_resumes_qcow2_through_the_streaming_decoder() {
 
 #[test]
 fn upload_image_upload_learns_completion_when_the_answer_is_lost() {
-    if !have("qemu-img") || !have("qemu-io") {
-        skip("qemu-img/qemu-io are not installed");
+    if !have_all(&["qemu-img", "qemu-io"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -293,8 +289,7 @@ fn serve_curl(data: &Path, args: &[&str]) -> (u16, String) {
 
 #[test]
 fn upload_finished_volume_is_refused_by_the_proxy_with_503() {
-    if !have("qemu-img") || !have("qemu-io") || !have("curl") {
-        skip("qemu-img/qemu-io/curl are not installed");
+    if !have_all(&["qemu-img", "qemu-io", "curl"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
