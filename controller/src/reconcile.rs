@@ -21,7 +21,7 @@ use crate::decide::{self, ExitStatus, Operation, Outcome, phase};
 use crate::storage::{ClaimProvisioner, ClaimRequest, ProvisionedClaim};
 use crate::store::{Kind, Store, StoreError};
 use crate::util::{new_uid, now_rfc3339};
-use crate::worker::{Worker, WorkerKind, WorkerRunner, WorkerSpec};
+use crate::worker::{Worker, WorkerKind, WorkerRunner, WorkerSpec, upload_completed_early};
 
 /// How often progress is scraped and the upload server probed (upstream scrapes every ~2 s).
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -856,6 +856,10 @@ impl Controller {
         upload_port: Option<u16>,
     ) -> ExitStatus {
         let mut ready = false;
+        let early_log = match op {
+            Operation::Upload => worker.termination_log(),
+            _ => None,
+        };
         let poll = async {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             let mut last_scrape = std::time::Instant::now();
@@ -881,11 +885,14 @@ impl Controller {
                     last_scrape = std::time::Instant::now();
                     self.scrape(addr, claim).await;
                 }
+                if let Some(exit) = early_log.as_deref().and_then(upload_completed_early) {
+                    return exit;
+                }
             }
         };
         tokio::select! {
             exit = worker.wait() => exit,
-            _ = poll => unreachable_exit(),
+            exit = poll => exit,
         }
     }
 
@@ -1230,13 +1237,6 @@ struct Claim {
     size: u64,
     provisioned: ProvisionedClaim,
     eff: Effective,
-}
-
-fn unreachable_exit() -> ExitStatus {
-    ExitStatus {
-        code: None,
-        termination: String::new(),
-    }
 }
 
 fn endpoint(dv: &DataVolume) -> Option<String> {

@@ -52,6 +52,27 @@ pub trait Worker: Send {
     fn wait(&mut self) -> BoxFuture<'_, ExitStatus>;
     /// Stop it (and wait until it is gone).
     fn kill(&mut self) -> BoxFuture<'_, ()>;
+    /// Where it writes its termination message, when that is a file the controller can read
+    /// before the exit (an upload server writes "Upload Complete" there, then answers late
+    /// clients 409 for a short grace before it exits).
+    fn termination_log(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// The upload server's success message, once written, while the process may still be in its
+/// completion grace: the volume is complete and synced when the line exists, so the controller
+/// need not wait for the exit. `None` until then, and for any other message.
+pub fn upload_completed_early(termination_log: &std::path::Path) -> Option<ExitStatus> {
+    let termination = read_termination(termination_log);
+    let msg: cdi_api::termination::TerminationMessage =
+        serde_json::from_str(termination.trim()).ok()?;
+    (msg.message.as_deref() == Some(cdi_api::termination::UPLOAD_COMPLETE)
+        && msg.deadline_passed != Some(true))
+    .then_some(ExitStatus {
+        code: Some(0),
+        termination,
+    })
 }
 
 /// Starts workers.
@@ -168,6 +189,10 @@ impl Worker for ChildWorker {
             let _ = self.child.kill().await;
         })
     }
+
+    fn termination_log(&self) -> Option<PathBuf> {
+        Some(self.termination_log.clone())
+    }
 }
 
 /// Read at most the upstream bound of a termination log.
@@ -205,6 +230,33 @@ pub fn kill_stale(pid: u32, exe: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cdi_api::termination::{DEADLINE_PASSED, TerminationMessage, UPLOAD_COMPLETE};
+
+    #[test]
+    fn only_the_upload_complete_line_ends_an_upload_early() {
+        let tmp = tempfile::tempdir().unwrap();
+        let term = tmp.path().join("term");
+        assert!(upload_completed_early(&term).is_none(), "no file yet");
+        std::fs::write(&term, "").unwrap();
+        assert!(upload_completed_early(&term).is_none(), "empty");
+        let done = TerminationMessage::with_message(UPLOAD_COMPLETE).to_line();
+        std::fs::write(&term, &done).unwrap();
+        let exit = upload_completed_early(&term).expect("complete");
+        assert_eq!(exit.code, Some(0));
+        assert_eq!(exit.termination, done);
+        for other in [
+            TerminationMessage {
+                deadline_passed: Some(true),
+                ..TerminationMessage::with_message(DEADLINE_PASSED)
+            }
+            .to_line(),
+            TerminationMessage::with_message("Import Complete").to_line(),
+            "Saving stream failed: boom".to_string(),
+        ] {
+            std::fs::write(&term, &other).unwrap();
+            assert!(upload_completed_early(&term).is_none(), "{other}");
+        }
+    }
 
     #[tokio::test]
     async fn exit_code_and_termination_log_are_collected() {

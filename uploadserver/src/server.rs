@@ -44,8 +44,8 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// upload is done, not meet a refused connection it cannot tell from a crash. Half a second
 /// covers an immediate reconnect (token request, TLS to the proxy and on to this server) on
 /// the local or cluster network. It is kept short because a supervisor that waits for the
-/// exit (the embedded controller, the kubelet) sees the completion this much later; the
-/// termination message is written when the grace starts, for one that reads it earlier. A
+/// exit (the kubelet) sees the completion this much later; the termination message is written
+/// when the grace starts, and the embedded controller reads it then (and stops the server). A
 /// client that comes later gets the proxy's 503 "already finished uploading" instead.
 pub const COMPLETED_GRACE: Duration = Duration::from_millis(500);
 
