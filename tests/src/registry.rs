@@ -28,6 +28,8 @@ pub struct Registry {
     pub auth: Option<(String, String)>,
     /// CA directory clients (and skopeo) trust.
     pub ca_dir: PathBuf,
+    /// Plain HTTP, no TLS (an "insecure registry").
+    plain: bool,
     work: PathBuf,
     _child: KillOnDrop,
 }
@@ -93,19 +95,39 @@ impl Registry {
         )
     }
 
+    /// Start the registry on plain HTTP without auth: what upstream calls an insecure
+    /// registry (`insecureRegistries` in the CDIConfig).
+    pub fn start_plain(workdir: &Path) -> io::Result<Registry> {
+        fs::create_dir_all(workdir.join("data"))?;
+        Self::launch(workdir, String::new(), None, workdir.to_path_buf(), true)
+    }
+
     fn start_with(
         workdir: &Path,
         pki: &TestPki,
         auth_block: String,
         auth: Option<(String, String)>,
     ) -> io::Result<Registry> {
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n{auth_block}",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+        );
+        Self::launch(workdir, tls, auth, pki.ca_dir.clone(), false)
+    }
+
+    fn launch(
+        workdir: &Path,
+        http_extra: String,
+        auth: Option<(String, String)>,
+        ca_dir: PathBuf,
+        plain: bool,
+    ) -> io::Result<Registry> {
         let port = free_port();
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n{auth_block}",
+             http:\n  addr: 127.0.0.1:{port}\n{http_extra}",
             workdir.join("data").display(),
-            pki.server_cert.display(),
-            pki.server_key.display(),
         );
         let conf = workdir.join("registry.yml");
         fs::write(&conf, config)?;
@@ -122,7 +144,8 @@ impl Registry {
         Ok(Registry {
             host: format!("127.0.0.1:{port}"),
             auth,
-            ca_dir: pki.ca_dir.clone(),
+            ca_dir,
+            plain,
             work: workdir.to_path_buf(),
             _child: child,
         })
@@ -172,7 +195,12 @@ impl Registry {
         }
         run(&mut cfg)?;
         let mut copy = Command::new("skopeo");
-        copy.args(["copy", "--dest-cert-dir"]).arg(&self.ca_dir);
+        copy.arg("copy");
+        if self.plain {
+            copy.arg("--dest-tls-verify=false");
+        } else {
+            copy.arg("--dest-cert-dir").arg(&self.ca_dir);
+        }
         if let Some((u, p)) = &self.auth {
             copy.args(["--dest-creds", &format!("{u}:{p}")]);
         }

@@ -264,3 +264,43 @@ async fn registry_bearer_token_flow() {
         "token fetched with the basic credentials: {log}"
     );
 }
+
+/// A registry on plain HTTP (upstream's `insecureRegistries`): refused unless the import is
+/// marked insecure, then fetched over HTTP after the HTTPS attempt fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_plain_http_only_when_insecure() {
+    for tool in ["docker-registry", "umoci", "skopeo", "qemu-img", "qemu-io"] {
+        if !have(tool) {
+            skip(&format!("{tool} is not installed"));
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = qemu::fixtures(&tmp.path().join("img"), 16 << 20).unwrap();
+    let reg = Registry::start_plain(&tmp.path().join("reg")).unwrap();
+    let url = reg
+        .push_disk(&fx.qcow2, "kubevirt/plain:v1", &PushOptions::default())
+        .unwrap();
+
+    let dest = tmp.path().join("secure.raw");
+    let req = ImportRequest::new(
+        SourceSpec::Registry(url.clone()),
+        Destination::File(dest.clone()),
+    );
+    let err = run_import(req, Arc::new(Progress::default()), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
+    assert!(
+        !dest.exists() || std::fs::metadata(&dest).unwrap().len() == 0,
+        "nothing written"
+    );
+
+    let dest = tmp.path().join("insecure.raw");
+    let mut req = ImportRequest::new(SourceSpec::Registry(url), Destination::File(dest.clone()));
+    req.tls.insecure = true;
+    run_import(req, Arc::new(Progress::default()), CancellationToken::new())
+        .await
+        .unwrap();
+    qemu::assert_same_image(&dest, &fx.qcow2);
+}
