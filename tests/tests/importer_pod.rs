@@ -403,3 +403,48 @@ fn cdi_import_cli_summary_and_errors() {
         8 << 20
     );
 }
+
+/// The proxy variables upstream sets on importer pods from the CDIConfig's `importProxy`:
+/// `HTTP_PROXY` carries the request (the host need not resolve), `NO_PROXY` exempts a host.
+#[test]
+fn importer_pod_honours_http_proxy_and_no_proxy() {
+    let Some(env) = setup() else { return };
+    // The fault server answers any request target, absolute-form included: a forward proxy
+    // that happens to hold the image.
+    let proxy = FaultServer::start(&env.fx.raw, FaultPlan::default()).unwrap();
+    let proxy_url = proxy.url("");
+    let endpoint = "http://disk.invalid/images/disk.img";
+    let vars = |no_proxy: &'static str| {
+        vec![
+            ("IMPORTER_SOURCE", "http"),
+            ("IMPORTER_ENDPOINT", endpoint),
+            ("IMPORTER_CONTENTTYPE", "kubevirt"),
+            ("IMPORTER_IMAGE_SIZE", "16Mi"),
+            ("FILESYSTEM_OVERHEAD", "0"),
+            ("HTTP_PROXY", proxy_url.as_str()),
+            ("NO_PROXY", no_proxy),
+        ]
+    };
+    let work = env.dir.join("via-proxy");
+    let out = run(importer(&work, &vars("example.org")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    qemu::assert_same_image(&work.join("data/disk.img"), &env.fx.raw);
+    let reqs = proxy.requests();
+    assert!(!reqs.is_empty());
+    assert!(
+        reqs.iter().all(|r| r.path == endpoint),
+        "absolute-form requests to the proxy: {:?}",
+        reqs.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+
+    // Exempted: the importer goes direct, the name does not resolve, nothing is reported done.
+    let work = env.dir.join("no-proxy");
+    let out = run(importer(&work, &vars("disk.invalid")));
+    assert!(!out.status.success());
+    assert_eq!(proxy.requests().len(), reqs.len(), "the proxy was bypassed");
+    assert!(!termination(&work).contains("Import Complete"));
+}
