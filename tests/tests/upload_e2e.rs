@@ -171,6 +171,16 @@ impl Proxy {
     fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
     }
+
+    /// A proxy whose one volume, `default/disk`, is `server`.
+    fn for_disk(env: &Env, server: &UploadServer) -> Proxy {
+        Proxy::start(
+            &env.pki,
+            &env.key,
+            &[format!("default/disk={}", server.url())],
+            &env.dir,
+        )
+    }
 }
 
 /// One curl request; returns (status, body). `args` come after the common TLS options.
@@ -441,12 +451,7 @@ fn upload_tokens_are_checked_by_the_proxy() {
     }
     let env = env();
     let mut server = UploadServer::start(&env.pki, &env.dir.join("s1"), "8Mi", &[]);
-    let proxy = Proxy::start(
-        &env.pki,
-        &env.key,
-        &[format!("default/disk={}", server.url())],
-        &env.dir,
-    );
+    let proxy = Proxy::for_disk(&env, &server);
     let url = format!("{}/v1beta1/upload", proxy.url());
     let post = |auth: Option<String>| {
         let mut args = vec![
@@ -634,12 +639,7 @@ fn upload_busy_server_answers_503_and_too_large_image_400() {
     assert_eq!(code, 503, "{body}");
     // The same through the proxy, with a body large enough that curl is still sending when
     // the answer comes.
-    let proxy = Proxy::start(
-        &env.pki,
-        &env.key,
-        &[format!("default/disk={}", server.url())],
-        &env.dir,
-    );
+    let proxy = Proxy::for_disk(&env, &server);
     let (code, body) = curl(
         &env.pki,
         false,
@@ -666,12 +666,7 @@ fn upload_wrong_digest_is_refused_and_right_digest_completes() {
     let env = env();
     let fx = qemu::fixtures(&env.dir.join("img"), IMAGE_SIZE).unwrap();
     let mut server = UploadServer::start(&env.pki, &env.dir.join("s1"), "8Mi", &[]);
-    let proxy = Proxy::start(
-        &env.pki,
-        &env.key,
-        &[format!("default/disk={}", server.url())],
-        &env.dir,
-    );
+    let proxy = Proxy::for_disk(&env, &server);
     let url = format!("{}/v1beta1/upload", proxy.url());
     let data = format!("@{}", fx.qcow2_gz.display());
     let wrong = format!("Content-Digest: sha-256=:{}:", "A".repeat(43) + "=");
@@ -806,12 +801,7 @@ fn upload_completed_server_answers_409_until_it_exits() {
         "8Mi",
         &[("CDI_UPLOAD_COMPLETED_GRACE_MS", "6000")],
     );
-    let proxy = Proxy::start(
-        &env.pki,
-        &env.key,
-        &[format!("default/disk={}", server.url())],
-        &env.dir,
-    );
+    let proxy = Proxy::for_disk(&env, &server);
     let auth = bearer(&token(&env, "default", "disk"));
     let upload = format!("{}/v1beta1/upload", proxy.url());
     let data = format!("@{}", fx.raw.display());
@@ -899,12 +889,7 @@ fn upload_cut_at_half_then_resumed_through_proxy() {
     let env = env();
     let fx = qemu::fixtures(&env.dir.join("img"), IMAGE_SIZE).unwrap();
     let mut server = UploadServer::start(&env.pki, &env.dir.join("s1"), "8Mi", &[]);
-    let proxy = Proxy::start(
-        &env.pki,
-        &env.key,
-        &[format!("default/disk={}", server.url())],
-        &env.dir,
-    );
+    let proxy = Proxy::for_disk(&env, &server);
     let auth = vec![bearer(&token(&env, "default", "disk"))];
     let sha = sha256_b64(&fx.raw);
     let mut headers = auth.clone();
@@ -1189,12 +1174,7 @@ fn upload_proxy_strips_the_clone_content_type() {
     );
     assert_eq!(code, 400, "{body}");
     // ... and through the proxy it never arrives: a plain upload.
-    let proxy = Proxy::start(
-        &env.pki,
-        &env.key,
-        &[format!("default/disk={}", server.url())],
-        &env.dir,
-    );
+    let proxy = Proxy::for_disk(&env, &server);
     let url = format!("{}/v1beta1/upload", proxy.url());
     let (code, body) = curl(
         &env.pki,
