@@ -510,6 +510,103 @@ impl Drop for FaultProxy {
     }
 }
 
+/// A forward proxy that only speaks `CONNECT` (what HTTPS clients send to `HTTPS_PROXY`): it
+/// records each tunnel's `host:port`, then relays bytes to that port on 127.0.0.1, whatever the
+/// host (tests never leave the machine). Dropped → stopped.
+pub struct ConnectProxy {
+    /// The port clients connect to.
+    pub port: u16,
+    tunnels: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ConnectProxy {
+    /// Listen on a fresh port on 127.0.0.1.
+    pub fn start() -> io::Result<ConnectProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let tunnels = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, st) = (Arc::clone(&tunnels), Arc::clone(&stop));
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = stream else { continue };
+                let t = Arc::clone(&t);
+                thread::spawn(move || {
+                    let _ = tunnel(client, &t);
+                });
+            }
+        });
+        Ok(ConnectProxy {
+            port,
+            tunnels,
+            stop,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, for `HTTPS_PROXY`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The `host:port` of every tunnel asked for so far.
+    pub fn tunnels(&self) -> Vec<String> {
+        self.tunnels.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn tunnel(client: TcpStream, tunnels: &Mutex<Vec<String>>) -> io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (Some("CONNECT"), Some(target)) = (parts.next(), parts.next()) else {
+        let mut c = client;
+        return c.write_all(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n");
+    };
+    let target = target.to_string();
+    // The rest of the request head.
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+    }
+    let port: u16 = target
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad CONNECT target {target}")))?;
+    if let Ok(mut g) = tunnels.lock() {
+        g.push(target);
+    }
+    let server = TcpStream::connect(("127.0.0.1", port))?;
+    let mut c = client.try_clone()?;
+    c.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")?;
+    // Bytes the client sent right behind the head are still in `reader`'s buffer.
+    let pending = reader.buffer().to_vec();
+    let (mut up_from, mut up_to) = (reader, server.try_clone()?);
+    up_to.write_all(&pending)?;
+    let up = thread::spawn(move || {
+        let _ = io::copy(up_from.get_mut(), &mut up_to);
+        let _ = up_to.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut down_from, mut down_to) = (server, client);
+    let _ = io::copy(&mut down_from, &mut down_to);
+    let _ = down_to.shutdown(std::net::Shutdown::Write);
+    let _ = up.join();
+    Ok(())
+}
+
 /// Take a one-shot fault: `Some(at)` the first time, `None` afterwards.
 fn take_if(slot: &Mutex<Option<u64>>, pred: impl FnOnce(u64) -> bool) -> Option<u64> {
     let mut g = slot.lock().ok()?;

@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cdi_tests::fault::{FaultPlan, FaultServer};
+use cdi_tests::fault::{ConnectProxy, FaultPlan, FaultServer};
+use cdi_tests::nginx::{Nginx, NginxOptions};
+use cdi_tests::pki::TestPki;
 use cdi_tests::qemu::{self, Fixtures};
-use cdi_tests::{cdi_bin, free_port, have, skip};
+use cdi_tests::{cdi_bin, free_port, have, have_all, skip};
 
 const IMAGE_SIZE: u64 = 16 << 20;
 
@@ -447,4 +449,57 @@ fn importer_pod_honours_http_proxy_and_no_proxy() {
     assert!(!out.status.success());
     assert_eq!(proxy.requests().len(), reqs.len(), "the proxy was bypassed");
     assert!(!termination(&work).contains("Import Complete"));
+}
+
+/// `HTTPS_PROXY`: an HTTPS endpoint is reached through a `CONNECT` tunnel, TLS end to end with
+/// the endpoint (the CA from `IMPORTER_CERT_DIR` still verifies it).
+#[test]
+fn importer_pod_tunnels_https_through_https_proxy() {
+    let Some(env) = setup() else { return };
+    if !have_all(&["nginx", "openssl"]) {
+        return;
+    }
+    let pki = TestPki::generate(&env.dir.join("pki")).unwrap();
+    let www = env.dir.join("www");
+    let nginx = Nginx::start(
+        NginxOptions {
+            root: www,
+            tls: Some(pki.clone()),
+            ..Default::default()
+        },
+        &env.dir.join("nginx"),
+    )
+    .unwrap();
+    let proxy = ConnectProxy::start().unwrap();
+    let endpoint = nginx.https("disk.qcow2");
+    let work = env.dir.join("tunnel");
+    let out = run(importer(
+        &work,
+        &[
+            ("IMPORTER_SOURCE", "http"),
+            ("IMPORTER_ENDPOINT", &endpoint),
+            ("IMPORTER_CONTENTTYPE", "kubevirt"),
+            ("IMPORTER_IMAGE_SIZE", "16Mi"),
+            ("FILESYSTEM_OVERHEAD", "0"),
+            ("IMPORTER_CERT_DIR", pki.ca_dir.to_str().unwrap()),
+            ("HTTPS_PROXY", &proxy.url()),
+        ],
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    qemu::assert_same_image(&work.join("data/disk.img"), &env.fx.raw);
+    let host = endpoint
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let tunnels = proxy.tunnels();
+    assert!(
+        !tunnels.is_empty() && tunnels.iter().all(|t| *t == host),
+        "tunnels {tunnels:?}, wanted {host}"
+    );
 }
