@@ -41,6 +41,8 @@ pub struct PushOptions {
     pub architecture: Option<String>,
     /// Extra `KEY=value` config environment entries.
     pub env: Vec<String>,
+    /// `key=value` image config labels.
+    pub labels: Vec<String>,
     /// zstd instead of gzip layers.
     pub zstd: bool,
     /// Docker schema 2 manifest instead of OCI.
@@ -192,6 +194,9 @@ impl Registry {
         ]);
         for e in &opts.env {
             cfg.args(["--config.env", e]);
+        }
+        for l in &opts.labels {
+            cfg.args(["--config.label", l]);
         }
         run(&mut cfg)?;
         let mut copy = Command::new("skopeo");

@@ -304,3 +304,46 @@ async fn registry_plain_http_only_when_insecure() {
         .unwrap();
     qemu::assert_same_image(&dest, &fx.qcow2);
 }
+
+/// Bootable container images (bootc/ostree labels) are refused before any layer is fetched,
+/// as upstream does, with a final error that names the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_bootc_images_are_refused() {
+    for tool in ["docker-registry", "umoci", "skopeo", "qemu-img", "qemu-io"] {
+        if !have(tool) {
+            skip(&format!("{tool} is not installed"));
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = qemu::fixtures(&tmp.path().join("img"), 16 << 20).unwrap();
+    let reg = Registry::start_plain(&tmp.path().join("reg")).unwrap();
+    for (tag, label) in [
+        ("kubevirt/bootc:v1", "containers.bootc=1"),
+        ("kubevirt/ostree:v1", "ostree.bootable=1"),
+    ] {
+        let url = reg
+            .push_disk(
+                &fx.qcow2,
+                tag,
+                &PushOptions {
+                    labels: vec![label.into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let dest = tmp.path().join("bootc.raw");
+        let mut req =
+            ImportRequest::new(SourceSpec::Registry(url), Destination::File(dest.clone()));
+        req.tls.insecure = true;
+        let err = run_import(req, Arc::new(Progress::default()), CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Image, "{label}: {err}");
+        assert!(err.to_string().contains("bootc image detected"), "{err}");
+        assert!(
+            !dest.exists() || std::fs::metadata(&dest).unwrap().len() == 0,
+            "{label}: nothing written"
+        );
+    }
+}
