@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use cdi_importer::progress::Progress;
 use cdi_importer::source::http::Credentials;
-use cdi_importer::{Destination, ErrorKind, ImportRequest, SourceSpec, run_import};
+use cdi_importer::{Destination, ErrorKind, ImportError, ImportRequest, SourceSpec, run_import};
 use cdi_tests::nginx::{Nginx, NginxOptions};
 use cdi_tests::pki::TestPki;
 use cdi_tests::registry::{PushOptions, Registry};
-use cdi_tests::{have, qemu, skip};
+use cdi_tests::{have, have_all, qemu, skip};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,31 +265,42 @@ async fn registry_bearer_token_flow() {
     );
 }
 
-/// A registry on plain HTTP (upstream's `insecureRegistries`): refused unless the import is
-/// marked insecure, then fetched over HTTP after the HTTPS attempt fails.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registry_plain_http_only_when_insecure() {
-    for tool in ["docker-registry", "umoci", "skopeo", "qemu-img", "qemu-io"] {
-        if !have(tool) {
-            skip(&format!("{tool} is not installed"));
-            return;
-        }
+/// A plain-HTTP registry, its work dir and fixtures; `None` (skip printed) without the tools.
+fn plain_registry() -> Option<(tempfile::TempDir, qemu::Fixtures, Registry)> {
+    if !have_all(&["docker-registry", "umoci", "skopeo", "qemu-img", "qemu-io"]) {
+        return None;
     }
     let tmp = tempfile::tempdir().unwrap();
     let fx = qemu::fixtures(&tmp.path().join("img"), 16 << 20).unwrap();
     let reg = Registry::start_plain(&tmp.path().join("reg")).unwrap();
+    Some((tmp, fx, reg))
+}
+
+/// Import `url` into the file `dest` with default settings, optionally insecure.
+async fn import(url: &str, dest: &std::path::Path, insecure: bool) -> Result<(), ImportError> {
+    let mut req = ImportRequest::new(
+        SourceSpec::Registry(url.to_string()),
+        Destination::File(dest.to_path_buf()),
+    );
+    req.tls.insecure = insecure;
+    run_import(req, Arc::new(Progress::default()), CancellationToken::new())
+        .await
+        .map(|_| ())
+}
+
+/// A registry on plain HTTP (upstream's `insecureRegistries`): refused unless the import is
+/// marked insecure, then fetched over HTTP after the HTTPS attempt fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_plain_http_only_when_insecure() {
+    let Some((tmp, fx, reg)) = plain_registry() else {
+        return;
+    };
     let url = reg
         .push_disk(&fx.qcow2, "kubevirt/plain:v1", &PushOptions::default())
         .unwrap();
 
     let dest = tmp.path().join("secure.raw");
-    let req = ImportRequest::new(
-        SourceSpec::Registry(url.clone()),
-        Destination::File(dest.clone()),
-    );
-    let err = run_import(req, Arc::new(Progress::default()), CancellationToken::new())
-        .await
-        .unwrap_err();
+    let err = import(&url, &dest, false).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connect, "{err}");
     assert!(
         !dest.exists() || std::fs::metadata(&dest).unwrap().len() == 0,
@@ -297,11 +308,7 @@ async fn registry_plain_http_only_when_insecure() {
     );
 
     let dest = tmp.path().join("insecure.raw");
-    let mut req = ImportRequest::new(SourceSpec::Registry(url), Destination::File(dest.clone()));
-    req.tls.insecure = true;
-    run_import(req, Arc::new(Progress::default()), CancellationToken::new())
-        .await
-        .unwrap();
+    import(&url, &dest, true).await.unwrap();
     qemu::assert_same_image(&dest, &fx.qcow2);
 }
 
@@ -309,15 +316,9 @@ async fn registry_plain_http_only_when_insecure() {
 /// as upstream does, with a final error that names the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_bootc_images_are_refused() {
-    for tool in ["docker-registry", "umoci", "skopeo", "qemu-img", "qemu-io"] {
-        if !have(tool) {
-            skip(&format!("{tool} is not installed"));
-            return;
-        }
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let fx = qemu::fixtures(&tmp.path().join("img"), 16 << 20).unwrap();
-    let reg = Registry::start_plain(&tmp.path().join("reg")).unwrap();
+    let Some((tmp, fx, reg)) = plain_registry() else {
+        return;
+    };
     for (tag, label) in [
         ("kubevirt/bootc:v1", "containers.bootc=1"),
         ("kubevirt/ostree:v1", "ostree.bootable=1"),
@@ -333,12 +334,7 @@ async fn registry_bootc_images_are_refused() {
             )
             .unwrap();
         let dest = tmp.path().join("bootc.raw");
-        let mut req =
-            ImportRequest::new(SourceSpec::Registry(url), Destination::File(dest.clone()));
-        req.tls.insecure = true;
-        let err = run_import(req, Arc::new(Progress::default()), CancellationToken::new())
-            .await
-            .unwrap_err();
+        let err = import(&url, &dest, true).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Image, "{label}: {err}");
         assert!(err.to_string().contains("bootc image detected"), "{err}");
         assert!(
