@@ -10,6 +10,7 @@ pub mod overhead;
 pub mod quantity;
 pub mod resources;
 pub mod termination;
+pub mod upload;
 
 pub use quantity::{Quantity, QuantityError};
 pub use termination::TerminationMessage;

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::detect::{self, Compression, ImageFormat, Sniffed};
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{BackingPolicy, DiskImage, OpenOptions, StreamContext};
+use crate::image::{BackingPolicy, DiskImage, ExtentSink, OpenOptions, StreamContext};
 use crate::limits::{DETECT_HEAD_LEN, IO_CHUNK, ZERO_DETECT_BLOCK};
 use crate::open::{CountingReadAt, CountingReader, copy_image, open_image};
 use crate::raw::{self, VHD_FOOTER_LEN};
@@ -354,7 +354,7 @@ fn drain(reader: &mut dyn Read) -> Result<()> {
 fn spool_and_copy(
     format: ImageFormat,
     reader: &mut dyn Read,
-    sink: &mut TargetSink<'_>,
+    sink: &mut dyn ExtentSink,
     opts: &ConvertOptions,
 ) -> Result<u64> {
     let Some(dir) = opts.scratch_dir.as_deref() else {

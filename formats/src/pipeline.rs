@@ -21,7 +21,7 @@ use std::thread::{Scope, ScopedJoinHandle};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::{IO_CHUNK, PIPELINE_BATCH_ITEMS, PIPELINE_BUFFERS};
 use crate::raw::VHD_FOOTER_LEN;
-use crate::target::Target;
+use crate::target::{Target, write_at, zero_at};
 
 /// Length of a pool buffer: one [`IO_CHUNK`] plus room for the fixed-VHD footer a raw stream
 /// holds back, so that stream can lend whole buffers and still write `IO_CHUNK`-aligned chunks.
@@ -338,18 +338,9 @@ fn run_writer(
             match item {
                 Item::Data { offset, start, end } => {
                     let bytes = batch.buf.get(start..end).unwrap_or_default();
-                    target.write_all_at(bytes, offset).map_err(|e| {
-                        Error::io(
-                            format!("writing {} bytes at {offset} to {name}", bytes.len()),
-                            e,
-                        )
-                    })?;
+                    write_at(target, &name, offset, bytes)?;
                 }
-                Item::Zero { offset, len } => {
-                    target.write_zeroes(offset, len).map_err(|e| {
-                        Error::io(format!("zeroing {offset}..{} of {name}", offset + len), e)
-                    })?;
-                }
+                Item::Zero { offset, len } => zero_at(target, &name, offset, len)?,
             }
         }
         batch.filled = 0;

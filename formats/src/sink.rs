@@ -16,7 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::ExtentSink;
 use crate::limits::{MAX_VIRTUAL_SIZE, ZERO_DETECT_BLOCK};
 use crate::pipeline::{BUFFER_LEN, Pipeline};
-use crate::target::Target;
+use crate::target::{Target, write_at, zero_at};
 
 /// What the sink saw, handed back by [`TargetSink::finish`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -279,9 +279,7 @@ impl TargetSink<'_> {
     fn flush_zero(&mut self) -> Result<()> {
         if let Some((start, end)) = self.pending_zero.take() {
             match &mut self.out {
-                Out::Direct(target) => target.write_zeroes(start, end - start).map_err(|e| {
-                    Error::io(format!("zeroing {start}..{end} of {}", self.name), e)
-                })?,
+                Out::Direct(target) => zero_at(*target, &self.name, start, end - start)?,
                 Out::Piped(pipe) => pipe.zero(start, end - start)?,
                 Out::Closed => return Err(closed()),
             }
@@ -315,12 +313,7 @@ impl TargetSink<'_> {
         }
         self.totals.data_bytes += buf.len() as u64;
         match &mut self.out {
-            Out::Direct(target) => target.write_all_at(buf, offset).map_err(|e| {
-                Error::io(
-                    format!("writing {} bytes at {offset} to {}", buf.len(), self.name),
-                    e,
-                )
-            }),
+            Out::Direct(target) => write_at(*target, &self.name, offset, buf),
             Out::Piped(pipe) => pipe.write(offset, buf),
             Out::Closed => Err(closed()),
         }

@@ -57,6 +57,34 @@ pub trait Target: Send {
     fn describe(&self) -> String;
 }
 
+/// [`Target::write_all_at`] with the error every write path reports (`name` is the target's
+/// description, taken once).
+pub(crate) fn write_at(
+    target: &mut dyn Target,
+    name: &str,
+    offset: u64,
+    buf: &[u8],
+) -> crate::error::Result<()> {
+    target.write_all_at(buf, offset).map_err(|e| {
+        crate::error::Error::io(
+            format!("writing {} bytes at {offset} to {name}", buf.len()),
+            e,
+        )
+    })
+}
+
+/// [`Target::write_zeroes`] with the error every zeroing path reports.
+pub(crate) fn zero_at(
+    target: &mut dyn Target,
+    name: &str,
+    offset: u64,
+    len: u64,
+) -> crate::error::Result<()> {
+    target.write_zeroes(offset, len).map_err(|e| {
+        crate::error::Error::io(format!("zeroing {offset}..{} of {name}", offset + len), e)
+    })
+}
+
 /// Open the conversion target at `path`: a block device when `path` is one (opened
 /// `O_WRONLY|O_EXCL`, never created), otherwise a regular file created or truncated to zero
 /// length with mode 0660.

@@ -40,10 +40,6 @@ const POLL: Duration = Duration::from_secs(1);
 const OFFSET_WAIT: Duration = Duration::from_secs(30);
 /// Interval between offset queries while waiting.
 const OFFSET_POLL: Duration = Duration::from_millis(250);
-/// The upload server's 409 text once the image is complete (`cdi-uploadserver`).
-const SERVER_COMPLETED: &str = "upload already completed";
-/// The proxy's 503 text for a volume whose upload succeeded (upstream's wording, [`crate`]).
-const PROXY_COMPLETED: &str = "already finished uploading";
 /// Interval between progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Read size for hashing and sending the image.
@@ -434,8 +430,9 @@ enum SendError {
 /// Whether an answer says the volume's upload is already complete: the upload server's 409
 /// or, once the control plane has seen the server exit, the proxy's 503.
 fn already_completed(status: reqwest::StatusCode, body: &str) -> bool {
-    (status == reqwest::StatusCode::CONFLICT && body.contains(SERVER_COMPLETED))
-        || (status == reqwest::StatusCode::SERVICE_UNAVAILABLE && body.contains(PROXY_COMPLETED))
+    (status == reqwest::StatusCode::CONFLICT && body.contains(cdi_api::upload::ALREADY_COMPLETED))
+        || (status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            && body.contains(cdi_api::upload::ALREADY_FINISHED))
 }
 
 /// An "already completed" answer is success only when this client sent the whole image
@@ -681,8 +678,8 @@ mod tests {
     #[test]
     fn completion_counts_only_after_the_whole_body_went_out() {
         let s = reqwest::StatusCode::CONFLICT;
-        assert!(accept_completion(true, s, SERVER_COMPLETED).is_ok());
-        assert!(accept_completion(false, s, SERVER_COMPLETED).is_err());
+        assert!(accept_completion(true, s, cdi_api::upload::ALREADY_COMPLETED).is_ok());
+        assert!(accept_completion(false, s, cdi_api::upload::ALREADY_COMPLETED).is_err());
         assert!(!already_completed(
             s,
             "upload offset mismatch: server has 4 bytes"

@@ -69,7 +69,10 @@ pub enum ResolveError {
     #[error("PVC is not an upload target")]
     NotUploadTarget,
     /// The upload already succeeded.
-    #[error("rejecting Upload Request for PVC that already finished uploading")]
+    #[error(
+        "rejecting Upload Request for PVC that {}",
+        cdi_api::upload::ALREADY_FINISHED
+    )]
     AlreadyComplete,
     /// The upload server is not ready (yet); the proxy keeps polling for [`READY_WAIT`].
     #[error("upload server is not ready: {0}")]
@@ -271,7 +274,8 @@ fn resolve_message(err: &ResolveError, namespace: &str, pvc: &str) -> String {
         ResolveError::NotUploadTarget => format!("PVC {namespace}/{pvc} is not an upload target"),
         ResolveError::AlreadyComplete => {
             format!(
-                "rejecting Upload Request for PVC {namespace}/{pvc} that already finished uploading"
+                "rejecting Upload Request for PVC {namespace}/{pvc} that {}",
+                cdi_api::upload::ALREADY_FINISHED
             )
         }
         ResolveError::NotReady(why) => {

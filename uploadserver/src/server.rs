@@ -568,10 +568,7 @@ impl UploadServer {
                 // The converter refused the image early (often from its header: too large for
                 // the volume). Read on for a moment so the client, still sending, is listening
                 // when the answer comes, instead of seeing a reset connection.
-                let _ = tokio::time::timeout(EARLY_ERROR_DRAIN, async {
-                    while let Some(Ok(_)) = stream.next().await {}
-                })
-                .await;
+                drain(&mut stream).await;
                 return self.settle(session.job, true).await;
             }
         }
@@ -749,12 +746,19 @@ fn upload_headers(
 /// client to go on (`100 Continue`), would otherwise see the connection reset instead of the
 /// status (409 after completion, 503 while busy).
 async fn refuse(body: Body, resp: Response) -> Response {
-    let mut stream = body.into_data_stream();
+    drain(&mut body.into_data_stream()).await;
+    resp
+}
+
+/// Read and drop what is left of a request body, for at most [`EARLY_ERROR_DRAIN`].
+async fn drain<S, T, E>(stream: &mut S)
+where
+    S: futures::Stream<Item = Result<T, E>> + Unpin,
+{
     let _ = tokio::time::timeout(EARLY_ERROR_DRAIN, async {
         while let Some(Ok(_)) = stream.next().await {}
     })
     .await;
-    resp
 }
 
 fn flatten(

@@ -17,9 +17,11 @@ use axum::http::StatusCode;
 
 /// The 409 text once the image is complete (clients match it to tell a lost 200 from a
 /// conflicting offset).
-pub const COMPLETED: &str = "upload already completed";
+pub const COMPLETED: &str = cdi_api::upload::ALREADY_COMPLETED;
 /// The 503 text while an upload runs.
 pub const BUSY: &str = "an upload is already in progress";
+/// The 503 text once the server stops taking requests.
+pub const CLOSING: &str = "upload server is shutting down";
 
 /// The state as admission sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,11 +86,7 @@ pub fn admit(phase: PhaseKind, requested: Option<u64>, resumable: bool) -> Admis
         PhaseKind::Receiving | PhaseKind::Finishing => {
             reject(StatusCode::SERVICE_UNAVAILABLE, BUSY, None)
         }
-        PhaseKind::Closing => reject(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upload server is shutting down",
-            None,
-        ),
+        PhaseKind::Closing => reject(StatusCode::SERVICE_UNAVAILABLE, CLOSING, None),
         PhaseKind::Idle => match requested {
             None | Some(0) => Admission::Start,
             Some(n) => reject(
@@ -116,10 +114,7 @@ pub fn offset_query(phase: PhaseKind) -> Result<u64, (StatusCode, &'static str)>
         PhaseKind::Idle => Ok(0),
         PhaseKind::Interrupted { offset } => Ok(offset),
         PhaseKind::Receiving | PhaseKind::Finishing => Err((StatusCode::SERVICE_UNAVAILABLE, BUSY)),
-        PhaseKind::Closing => Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upload server is shutting down",
-        )),
+        PhaseKind::Closing => Err((StatusCode::SERVICE_UNAVAILABLE, CLOSING)),
         PhaseKind::Done => Err((StatusCode::CONFLICT, COMPLETED)),
     }
 }
