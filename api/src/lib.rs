@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod env;
+pub mod names;
 pub mod overhead;
 pub mod quantity;
 pub mod resources;

@@ -30,7 +30,9 @@ enum Command {
     #[command(flatten)]
     UploadProxy(cdi_uploadproxy::cli::Command),
     #[command(flatten)]
-    Control(cdi_controller::cli::Command),
+    Control(cdi_serve::cli::Command),
+    #[command(flatten)]
+    DvController(cdi_controller::cli::Command),
 }
 
 fn main() -> ExitCode {
@@ -41,10 +43,12 @@ fn main() -> ExitCode {
         Command::UploadServer(c) => c.run(),
         Command::UploadProxy(c) => c.run(),
         Command::Control(c) => c.run(),
+        Command::DvController(c) => c.run(),
     }
 }
 
-/// `cdi-importer ARGS` → `cdi importer ARGS`.
+/// `cdi-importer ARGS` → `cdi importer ARGS`, for the subcommands that exist; any other name
+/// (`cdi-linux-amd64`, a renamed download) runs as plain `cdi`.
 fn multi_call_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     let mut args: Vec<OsString> = args.collect();
     let name = args
@@ -53,8 +57,44 @@ fn multi_call_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
         .and_then(|n| n.to_str())
         .unwrap_or("cdi")
         .to_string();
-    if let Some(sub) = name.strip_prefix("cdi-") {
+    if let Some(sub) = name.strip_prefix("cdi-")
+        && is_subcommand(sub)
+    {
         args.insert(1, OsString::from(sub));
     }
     args
+}
+
+fn is_subcommand(name: &str) -> bool {
+    use clap::CommandFactory;
+    Cli::command().find_subcommand(name).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dispatch(args: &[&str]) -> Vec<String> {
+        multi_call_args(args.iter().map(OsString::from))
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn worker_names_dispatch_and_other_names_do_not() {
+        assert_eq!(
+            dispatch(&["/usr/bin/cdi-importer", "-v=1"]),
+            ["/usr/bin/cdi-importer", "importer", "-v=1"]
+        );
+        assert_eq!(
+            dispatch(&["cdi-uploadserver"]),
+            ["cdi-uploadserver", "uploadserver"]
+        );
+        assert_eq!(
+            dispatch(&["./cdi-linux-amd64", "--help"]),
+            ["./cdi-linux-amd64", "--help"]
+        );
+        assert_eq!(dispatch(&["cdi", "serve"]), ["cdi", "serve"]);
+    }
 }

@@ -1,33 +1,115 @@
-//! The DataVolume controller's decisions, free of storage and process details.
+//! The controller's decisions, as pure functions of what it observed.
 //!
-//! Everything here is a pure function of what was observed (claim state, worker outcome,
-//! configuration) so the same rules drive the embedded backend and a future Kubernetes one.
-//! Phase names, condition reasons and event texts are upstream's.
+//! - [`observe_import_pod`] / [`observe_upload_pod`]: worker pod state → the PVC annotations
+//!   upstream mirrors (`storage.pod.phase`, `.restarts`, `condition.running*`, scratch and fatal
+//!   flags) plus what to do with the pod (upstream `updatePvcFromPod`,
+//!   `setAnnotationsFromPodWithPrefix`, `parseTerminationMessage`).
+//! - [`dv_status`]: DataVolume + PVC → DataVolume `status` (phase, conditions, restart count,
+//!   progress) and the events due (upstream `updateStatus`, `updateConditions`, `emitEvent`).
+//! - progress scraping text, storage-class choice.
+//!
+//! Phase names, condition reasons and event texts are upstream's. Nothing here does I/O, so the
+//! same rules are unit-tested here and drive the reconcilers in [`crate::reconcile`].
 
-use std::time::Duration;
+use std::collections::BTreeMap;
 
-use cdi_api::resources::{Condition, DataVolumeSpec};
-use cdi_api::termination::{self, TerminationMessage};
+use cdi_api::termination::TerminationMessage;
+use k8s_openapi::api::core::v1::{ContainerState, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
 
-/// Phase names.
+use crate::model::{DvCondition, DvSpec, DvStatus, DvView};
+use crate::names::ann;
+
+/// DataVolume phase names.
 pub mod phase {
-    /// No claim yet.
+    /// Not yet known.
+    pub const UNSET: &str = "";
+    /// No claim yet, or the claim is not bound.
     pub const PENDING: &str = "Pending";
     /// Claim bound, no worker yet.
     pub const PVC_BOUND: &str = "PVCBound";
-    /// Importer about to start.
+    /// Importer scheduled.
     pub const IMPORT_SCHEDULED: &str = "ImportScheduled";
     /// Importer running (or between restarts).
     pub const IMPORT_IN_PROGRESS: &str = "ImportInProgress";
-    /// Upload server about to start.
+    /// Upload server scheduled.
     pub const UPLOAD_SCHEDULED: &str = "UploadScheduled";
-    /// Upload server listening.
+    /// Upload server ready for data.
     pub const UPLOAD_READY: &str = "UploadReady";
+    /// Waiting for a consumer (WaitForFirstConsumer class).
+    pub const WAIT_FOR_FIRST_CONSUMER: &str = "WaitForFirstConsumer";
     /// Done.
     pub const SUCCEEDED: &str = "Succeeded";
-    /// Fatal failure.
+    /// Permanent failure.
     pub const FAILED: &str = "Failed";
+    /// Claim in an unknown phase.
+    pub const UNKNOWN: &str = "Unknown";
 }
+
+/// Event reasons (upstream's constants).
+pub mod reason {
+    /// DataVolume import scheduled.
+    pub const IMPORT_SCHEDULED: &str = "ImportScheduled";
+    /// DataVolume import running.
+    pub const IMPORT_IN_PROGRESS: &str = "ImportInProgress";
+    /// DataVolume import failed (pod phase Failed).
+    pub const IMPORT_FAILED: &str = "ImportFailed";
+    /// DataVolume import done.
+    pub const IMPORT_SUCCEEDED: &str = "ImportSucceeded";
+    /// Upload server scheduled.
+    pub const UPLOAD_SCHEDULED: &str = "UploadScheduled";
+    /// Upload server ready.
+    pub const UPLOAD_READY: &str = "UploadReady";
+    /// Upload failed.
+    pub const UPLOAD_FAILED: &str = "UploadFailed";
+    /// Upload done.
+    pub const UPLOAD_SUCCEEDED: &str = "UploadSucceeded";
+    /// On the PVC: the importer container failed.
+    pub const ERR_IMPORT_FAILED: &str = "ErrImportFailed";
+    /// The claim cannot be rendered.
+    pub const ERR_CLAIM_NOT_VALID: &str = "ErrClaimNotValid";
+    /// A claim of that name exists and is not ours.
+    pub const ERR_RESOURCE_EXISTS: &str = "ErrResourceExists";
+    /// The claim is being deleted.
+    pub const ERR_RESOURCE_MARKED_FOR_DELETION: &str = "ErrResourceMarkedForDeletion";
+    /// The claim lost its volume.
+    pub const ERR_CLAIM_LOST: &str = "ErrClaimLost";
+    /// Another pod uses the claim.
+    pub const IMPORT_TARGET_IN_USE: &str = "ImportTargetInUse";
+    /// Another pod uses the claim.
+    pub const UPLOAD_TARGET_IN_USE: &str = "UploadTargetInUse";
+    /// Worker pod could not be created.
+    pub const ERR_STARTING_POD: &str = "ErrStartingPod";
+    /// The DataVolume asks for something this controller does not do.
+    pub const UNSUPPORTED_SOURCE: &str = "UnsupportedSource";
+    /// Claim bound.
+    pub const BOUND: &str = "Bound";
+}
+
+/// Running-condition reasons.
+pub mod running {
+    /// Running=True (upstream's `PodRunningReason`).
+    pub const POD_RUNNING: &str = "Pod is running";
+    /// Image pull back-off of the worker image.
+    pub const IMAGE_PULL_FAILED: &str = "ImagePullFailed";
+    /// The importer needs scratch space.
+    pub const SCRATCH_SPACE_REQUIRED: &str = "Scratch space required";
+    /// Message paired with [`SCRATCH_SPACE_REQUIRED`].
+    pub const SCRATCH_SPACE_REQUIRED_MESSAGE: &str = "scratch space required and none found";
+    /// Checksum mismatch (fatal).
+    pub const CHECKSUM_ERROR: &str = "ChecksumError";
+    /// Prefix of every stream failure the importer reports.
+    pub const IMAGE_PULL_FAILURE_TEXT: &str = "failed to pull image";
+    /// Marker of a legacy plain-text success message that preallocated.
+    pub const PREALLOCATION_APPLIED_TEXT: &str = "Preallocation applied";
+}
+
+/// Progress text before anything is known.
+pub const PROGRESS_NA: &str = "N/A";
+/// Progress text of a completed import.
+pub const PROGRESS_DONE: &str = "100.0%";
+/// Bound-condition reason while a scratch claim is created.
+pub const CREATING_SCRATCH: &str = "CreatingScratchSpace";
 
 /// What a DataVolume asks the controller to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,271 +118,959 @@ pub enum Operation {
     Import(&'static str),
     /// Run the upload server.
     Upload,
+    /// Something this controller does not do (clone, DataSource, external population).
+    Unsupported,
 }
 
 impl Operation {
-    /// From a validated spec.
-    pub fn of(spec: &DataVolumeSpec) -> Option<Operation> {
-        let s = spec.source.as_ref()?;
-        if s.http.is_some() {
-            Some(Operation::Import("http"))
-        } else if s.s3.is_some() {
-            Some(Operation::Import("s3"))
-        } else if s.registry.is_some() {
-            Some(Operation::Import("registry"))
-        } else if s.blank.is_some() {
-            Some(Operation::Import("none"))
-        } else if s.upload.is_some() {
-            Some(Operation::Upload)
-        } else {
-            None
-        }
-    }
-
-    /// Phase while waiting for the worker.
-    pub fn scheduled_phase(self) -> &'static str {
-        match self {
-            Operation::Import(_) => phase::IMPORT_SCHEDULED,
-            Operation::Upload => phase::UPLOAD_SCHEDULED,
-        }
-    }
-
-    /// Phase while the worker runs (and between its restarts).
-    pub fn running_phase(self) -> &'static str {
-        match self {
-            Operation::Import(_) => phase::IMPORT_IN_PROGRESS,
-            Operation::Upload => phase::UPLOAD_READY,
-        }
-    }
-
-    /// Event (reason, message) on entering `phase` for claim `pvc`.
-    pub fn phase_event(self, phase: &str, pvc: &str) -> Option<(&'static str, String)> {
-        let ev = match (self, phase) {
-            (Operation::Import(_), phase::IMPORT_SCHEDULED) => {
-                ("ImportScheduled", format!("Import into {pvc} scheduled"))
-            }
-            (Operation::Import(_), phase::IMPORT_IN_PROGRESS) => {
-                ("ImportInProgress", format!("Import into {pvc} in progress"))
-            }
-            (Operation::Import(_), phase::SUCCEEDED) => (
-                "ImportSucceeded",
-                format!("Successfully imported into PVC {pvc}"),
-            ),
-            (Operation::Import(_), phase::FAILED) => {
-                ("ImportFailed", format!("Failed to import into PVC {pvc}"))
-            }
-            (Operation::Upload, phase::UPLOAD_SCHEDULED) => {
-                ("UploadScheduled", format!("Upload into {pvc} scheduled"))
-            }
-            (Operation::Upload, phase::UPLOAD_READY) => {
-                ("UploadReady", format!("Upload into {pvc} ready"))
-            }
-            (Operation::Upload, phase::SUCCEEDED) => (
-                "UploadSucceeded",
-                format!("Successfully uploaded into {pvc}"),
-            ),
-            (Operation::Upload, phase::FAILED) => {
-                ("UploadFailed", format!("Failed to upload into PVC {pvc}"))
-            }
-            _ => return None,
+    /// From a spec (validated or not).
+    pub fn of(spec: &DvSpec) -> Operation {
+        let Some(s) = spec.source.as_ref() else {
+            return Operation::Unsupported;
         };
-        Some(ev)
+        if s.http.is_some() {
+            Operation::Import("http")
+        } else if s.s3.is_some() {
+            Operation::Import("s3")
+        } else if s.gcs.is_some() {
+            Operation::Import("gcs")
+        } else if s.registry.is_some() {
+            Operation::Import("registry")
+        } else if s.imageio.is_some() {
+            Operation::Import("imageio")
+        } else if s.vddk.is_some() {
+            Operation::Import("vddk")
+        } else if s.blank.is_some() {
+            Operation::Import("none")
+        } else if s.upload.is_some() {
+            Operation::Upload
+        } else {
+            Operation::Unsupported
+        }
     }
 }
 
-/// How a worker run ended, as the runner observed it.
+/// An event to publish about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitStatus {
-    /// Exit code; `None` when killed by a signal.
-    pub code: Option<i32>,
-    /// Contents of the termination log (possibly empty).
-    pub termination: String,
+pub struct EventSpec {
+    /// Warning (else Normal).
+    pub warning: bool,
+    /// Reason.
+    pub reason: String,
+    /// Message (note).
+    pub message: String,
 }
 
-/// What the controller does next after a worker run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The volume is complete.
-    Completed {
-        /// Message for the Running condition ("Import Complete").
-        message: String,
-        /// The worker preallocated the target.
-        preallocation_applied: bool,
-    },
-    /// Rerun with a scratch directory (does not count as a restart).
-    ScratchRequired,
-    /// Restart after back-off; the DataVolume stays in progress.
-    Retry {
-        /// Condition reason.
-        reason: &'static str,
-        /// Condition / event message.
-        message: String,
-    },
-    /// Give up: the DataVolume goes Failed.
-    Fatal {
-        /// Condition reason.
-        reason: &'static str,
-        /// Condition / event message.
-        message: String,
-    },
+impl EventSpec {
+    /// A Normal event.
+    pub fn normal(reason: &str, message: impl Into<String>) -> Self {
+        EventSpec {
+            warning: false,
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// A Warning event.
+    pub fn warning(reason: &str, message: impl Into<String>) -> Self {
+        EventSpec {
+            warning: true,
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+// ---- small PVC / pod accessors ------------------------------------------------------------
+
+/// Annotations of a claim (empty map when none).
+pub fn annotations(pvc: &PersistentVolumeClaim) -> BTreeMap<String, String> {
+    pvc.metadata.annotations.clone().unwrap_or_default()
+}
+
+fn ann_of<'a>(pvc: &'a PersistentVolumeClaim, key: &str) -> Option<&'a str> {
+    pvc.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// `status.phase` of a claim (`""` when unknown).
+pub fn claim_phase(pvc: &PersistentVolumeClaim) -> &str {
+    pvc.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+/// Volume mode of a claim (Filesystem when unset, as Kubernetes defaults it).
+pub fn volume_mode(pvc: &PersistentVolumeClaim) -> &str {
+    pvc.spec
+        .as_ref()
+        .and_then(|s| s.volume_mode.as_deref())
+        .unwrap_or("Filesystem")
+}
+
+/// `spec.resources.requests.storage` of a claim, as written.
+pub fn requested_size(pvc: &PersistentVolumeClaim) -> Option<String> {
+    pvc.spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")
+        .map(|q| q.0.clone())
+}
+
+/// Upstream `IsPVCComplete`: the worker pod succeeded.
+pub fn is_pvc_complete(pvc: &PersistentVolumeClaim) -> bool {
+    ann_of(pvc, ann::POD_PHASE) == Some("Succeeded")
+}
+
+/// Upstream `ShouldDeletePod`: worker pods go after completion unless retained, and always
+/// when they must be re-created (scratch, direct I/O) or the claim is going away.
+pub fn should_delete_pod(pvc: &PersistentVolumeClaim) -> bool {
+    ann_of(pvc, ann::POD_RETAIN_AFTER_COMPLETION) != Some("true")
+        || ann_of(pvc, ann::REQUIRES_SCRATCH) == Some("true")
+        || ann_of(pvc, ann::REQUIRES_DIRECT_IO) == Some("true")
+        || pvc.metadata.deletion_timestamp.is_some()
+}
+
+/// Upstream `requiresScratchSpace`: archives and registry pulls always convert through scratch;
+/// otherwise only when the importer asked for it.
+pub fn requires_scratch(pvc: &PersistentVolumeClaim) -> bool {
+    let by_kind = if ann_of(pvc, ann::CONTENT_TYPE) == Some("archive") {
+        true
+    } else {
+        match ann_of(pvc, ann::SOURCE) {
+            Some("glance") => true,
+            Some("imageio") => ann_of(pvc, ann::CURRENT_CHECKPOINT).is_some_and(|c| !c.is_empty()),
+            Some("registry") => ann_of(pvc, ann::REGISTRY_IMPORT_METHOD) != Some("node"),
+            _ => false,
+        }
+    };
+    by_kind || ann_of(pvc, ann::REQUIRES_SCRATCH) == Some("true")
+}
+
+/// Upstream `pvcRequiresWork`: a claim already populated for this DataVolume
+/// (`storage.populatedFor`), or one it may adopt (its `allowClaimAdoption` annotation, else the
+/// `DataVolumeClaimAdoption` feature gate; never a claim created for this very DataVolume), needs
+/// no import.
+pub fn requires_work(pvc: &PersistentVolumeClaim, dv: &DvView, adoption_gate: bool) -> bool {
+    if ann_of(pvc, ann::POPULATED_FOR) == Some(dv.name()) {
+        return false;
+    }
+    if ann_of(pvc, ann::CREATED_FOR_DATA_VOLUME) == Some(dv.uid()) {
+        return true;
+    }
+    let allowed = match dv.annotation(ann::ALLOW_CLAIM_ADOPTION) {
+        Some(v) => v == "true",
+        None => adoption_gate,
+    };
+    !allowed
+}
+
+/// Whether the claim should be worked on by the import reconciler.
+pub fn is_import_claim(pvc: &PersistentVolumeClaim) -> bool {
+    ann_of(pvc, ann::ENDPOINT).is_some() || ann_of(pvc, ann::SOURCE).is_some()
+}
+
+/// Whether the claim is an upload target.
+pub fn is_upload_claim(pvc: &PersistentVolumeClaim) -> bool {
+    ann_of(pvc, ann::UPLOAD_REQUEST).is_some()
+}
+
+/// Upstream `GetSource`: unknown or missing values mean `http`.
+pub fn import_source(pvc: &PersistentVolumeClaim) -> &'static str {
+    match ann_of(pvc, ann::SOURCE) {
+        Some("s3") => "s3",
+        Some("gcs") => "gcs",
+        Some("glance") => "glance",
+        Some("none") => "none",
+        Some("registry") => "registry",
+        Some("imageio") => "imageio",
+        Some("vddk") => "vddk",
+        _ => "http",
+    }
+}
+
+/// Phase of a pod (`""` when unknown).
+pub fn pod_phase(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+/// Upstream `isPodReady`: every container ready (and at least one).
+pub fn is_pod_ready(pod: &Pod) -> bool {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default();
+    !statuses.is_empty() && statuses.iter().all(|s| s.ready)
+}
+
+fn first_state(pod: &Pod) -> Option<(&ContainerState, Option<&ContainerState>)> {
+    let cs = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
+    Some((cs.state.as_ref()?, cs.last_state.as_ref()))
+}
+
+/// Upstream `parseTerminationMessage`: the JSON message of a container that exited 0. `Err`
+/// holds the raw text when it is not valid JSON.
+pub fn termination_message(pod: &Pod) -> Result<Option<TerminationMessage>, String> {
+    let Some((state, _)) = first_state(pod) else {
+        return Ok(None);
+    };
+    match &state.terminated {
+        Some(t) if t.exit_code == 0 => {
+            let text = t.message.as_deref().unwrap_or("");
+            serde_json::from_str(text)
+                .map(Some)
+                .map_err(|_| text.to_string())
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Upstream `simplifyKnownMessage` (shared with the workers).
+pub fn simplify(message: &str) -> String {
+    cdi_api::termination::simplify_known_message(message)
+}
+
+// ---- pod → PVC annotations ----------------------------------------------------------------
+
+/// Upstream `setAnnotationsFromPodWithPrefix` for the Running condition: restarts, running
+/// state, waiting reasons, termination messages. A container in `CrashLoopBackOff` is reported
+/// with the message of its last termination (the kubelet keeps it in `lastState`), so the
+/// failure that caused the back-off stays visible.
+pub fn set_annotations_from_pod(
+    anno: &mut BTreeMap<String, String>,
+    pod: &Pod,
+    term: Option<&TerminationMessage>,
+) {
+    let Some(statuses) = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_deref())
+        .filter(|s| !s.is_empty())
+    else {
+        return;
+    };
+    let prefix = ann::RUNNING_CONDITION;
+    let msg_key = ann::RUNNING_CONDITION_MESSAGE.to_string();
+    let reason_key = ann::RUNNING_CONDITION_REASON.to_string();
+    let ann_restarts: i32 = anno
+        .get(ann::POD_RESTARTS)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
+    if statuses[0].restart_count >= ann_restarts {
+        anno.insert(
+            ann::POD_RESTARTS.into(),
+            statuses[0].restart_count.to_string(),
+        );
+    }
+    let running = statuses
+        .iter()
+        .all(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()));
+    if running {
+        anno.insert(prefix.into(), "true".into());
+        anno.insert(msg_key, String::new());
+        anno.insert(reason_key, running::POD_RUNNING.into());
+        return;
+    }
+    anno.insert(prefix.into(), "false".into());
+    for s in statuses {
+        let waiting = s.state.as_ref().and_then(|st| st.waiting.as_ref());
+        if s.started == Some(false)
+            && let Some(w) = waiting
+            && matches!(
+                w.reason.as_deref(),
+                Some("ImagePullBackOff" | "ErrImagePull" | "InvalidImageName")
+            )
+        {
+            anno.insert(
+                msg_key,
+                format!("{}: {}", running::IMAGE_PULL_FAILURE_TEXT, s.image),
+            );
+            anno.insert(reason_key, running::IMAGE_PULL_FAILED.into());
+            return;
+        }
+    }
+    let state = statuses[0].state.clone().unwrap_or_default();
+    if let Some(w) = &state.waiting {
+        let reason = w.reason.as_deref().unwrap_or("");
+        if reason != "CrashLoopBackOff" {
+            anno.insert(msg_key, simplify(w.message.as_deref().unwrap_or("")));
+            anno.insert(reason_key, reason.to_string());
+            return;
+        }
+    }
+    // In back-off the current state is Waiting; the failure is in the last termination.
+    let terminated = state.terminated.clone().or_else(|| {
+        statuses[0]
+            .last_state
+            .as_ref()
+            .and_then(|l| l.terminated.clone())
+    });
+    let Some(t) = terminated else { return };
+    let text = t.message.clone().unwrap_or_default();
+    match term {
+        Some(m) if state.terminated.is_some() => {
+            if m.scratch_space_required == Some(true) {
+                anno.insert(ann::REQUIRES_SCRATCH.into(), "true".into());
+                anno.insert(msg_key, running::SCRATCH_SPACE_REQUIRED_MESSAGE.into());
+                anno.insert(reason_key, running::SCRATCH_SPACE_REQUIRED.into());
+                return;
+            }
+            if let Some(message) = &m.message {
+                anno.insert(msg_key, message.clone());
+            }
+            if m.preallocation_applied == Some(true) {
+                anno.insert(ann::PREALLOCATION_APPLIED.into(), "true".into());
+            }
+        }
+        _ => {
+            anno.insert(msg_key, simplify(text.trim()));
+            if text.contains(running::PREALLOCATION_APPLIED_TEXT) {
+                anno.insert(ann::PREALLOCATION_APPLIED.into(), "true".into());
+            }
+            if text.contains(running::IMAGE_PULL_FAILURE_TEXT) {
+                anno.insert(reason_key, running::IMAGE_PULL_FAILED.into());
+                return;
+            }
+        }
+    }
+    anno.insert(reason_key, t.reason.unwrap_or_default());
 }
 
 /// Checksum mismatches are the one failure upstream never retries.
 fn is_checksum_failure(message: &str) -> bool {
-    let lower = message.to_ascii_lowercase();
-    lower.contains("checksum mismatch") || lower.contains("checksum does not match")
+    message.to_ascii_lowercase().contains("checksum mismatch")
 }
 
-/// Classify a worker exit (upstream `parseTerminationMessage` plus the DV controller rules).
-pub fn classify(exit: &ExitStatus) -> Outcome {
-    let text = exit.termination.trim();
-    match exit.code {
-        Some(0) => match serde_json::from_str::<TerminationMessage>(text) {
-            Ok(msg) if msg.scratch_space_required == Some(true) => Outcome::ScratchRequired,
-            Ok(msg) if msg.deadline_passed == Some(true) => Outcome::Retry {
-                reason: "Error",
-                message: termination::DEADLINE_PASSED.to_string(),
-            },
-            Ok(msg) => {
-                let message = msg.message.clone().unwrap_or_default();
-                if is_checksum_failure(&message) {
-                    return Outcome::Fatal {
-                        reason: "ChecksumError",
-                        message,
-                    };
-                }
-                Outcome::Completed {
-                    message: if message.is_empty() {
-                        termination::IMPORT_COMPLETE.to_string()
+/// What the import reconciler does after looking at the importer pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportStep {
+    /// The claim's annotations as they should be.
+    pub annotations: BTreeMap<String, String>,
+    /// Events about the claim.
+    pub events: Vec<EventSpec>,
+    /// Delete the pod (done, fatal, or to re-create it with scratch space).
+    pub delete_pod: bool,
+    /// The pod waits for a scratch claim that must be created.
+    pub create_scratch: bool,
+}
+
+/// Upstream `updatePvcFromPod` for an importer pod.
+pub fn observe_import_pod(pvc: &PersistentVolumeClaim, pod: &Pod) -> ImportStep {
+    let mut anno = annotations(pvc);
+    let mut events = Vec::new();
+    let term = termination_message(pod).ok().flatten();
+    set_annotations_from_pod(&mut anno, pod, term.as_ref());
+
+    // A checksum mismatch is reported with exit 0 (the importer removed the data) or, from
+    // older workers, as a failure text; either way it is permanent.
+    let fatal_text = term
+        .as_ref()
+        .and_then(|m| m.message.clone())
+        .filter(|m| is_checksum_failure(m))
+        .or_else(|| {
+            first_state(pod)
+                .and_then(|(st, last)| {
+                    st.terminated
+                        .as_ref()
+                        .or(last.and_then(|l| l.terminated.as_ref()))
+                })
+                .filter(|t| t.exit_code != 0)
+                .and_then(|t| t.message.clone())
+                .filter(|m| is_checksum_failure(m))
+        });
+    if let Some(text) = &fatal_text
+        && anno.get(ann::IMPORT_FATAL_ERROR).map(String::as_str) != Some("true")
+    {
+        anno.insert(ann::POD_PHASE.into(), "Failed".into());
+        anno.insert(ann::IMPORT_FATAL_ERROR.into(), "true".into());
+        anno.insert(ann::RUNNING_CONDITION.into(), "false".into());
+        let line = simplify(cdi_api::termination::failure_line(text).as_str());
+        anno.insert(ann::RUNNING_CONDITION_MESSAGE.into(), line.clone());
+        anno.insert(
+            ann::RUNNING_CONDITION_REASON.into(),
+            running::CHECKSUM_ERROR.into(),
+        );
+        events.push(EventSpec::warning(reason::ERR_IMPORT_FAILED, line));
+    }
+
+    let scratch_required = term
+        .as_ref()
+        .is_some_and(|m| m.scratch_space_required == Some(true));
+    let mut modifications = scratch_required;
+    if let Some((state, last)) = first_state(pod) {
+        let oom = [Some(state), last]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.terminated.as_ref())
+            .any(|t| t.reason.as_deref() == Some("OOMKilled"));
+        if oom {
+            modifications = true;
+            anno.insert(ann::REQUIRES_DIRECT_IO.into(), "true".into());
+        }
+        if let Some(t) = &state.terminated
+            && t.exit_code > 0
+        {
+            events.push(EventSpec::warning(
+                reason::ERR_IMPORT_FAILED,
+                t.message.clone().unwrap_or_default(),
+            ));
+        }
+    }
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    anno.insert(ann::IMPORT_POD.into(), name);
+    let fatal = anno.get(ann::IMPORT_FATAL_ERROR).map(String::as_str) == Some("true");
+    if !modifications && !fatal {
+        // With scratch (or direct I/O) required the pod may exit cleanly; mirroring that phase
+        // would wrongly mark the import complete.
+        anno.insert(ann::POD_PHASE.into(), pod_phase(pod).to_string());
+    }
+    let schedulable = !(anno.get(ann::POD_PHASE).map(String::as_str) == Some("Pending")
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable")));
+    anno.insert(ann::POD_SCHEDULABLE.into(), schedulable.to_string());
+
+    let mut with_updates = pvc.clone();
+    with_updates.metadata.annotations = Some(anno.clone());
+    let create_scratch = pod_phase(pod) == "Pending" && requires_scratch(&with_updates);
+    if !create_scratch
+        && anno.get(ann::BOUND_CONDITION_REASON).map(String::as_str) == Some(CREATING_SCRATCH)
+    {
+        anno.remove(ann::BOUND_CONDITION);
+        anno.remove(ann::BOUND_CONDITION_MESSAGE);
+        anno.remove(ann::BOUND_CONDITION_REASON);
+        with_updates.metadata.annotations = Some(anno.clone());
+    }
+    let complete = is_pvc_complete(&with_updates);
+    let delete_pod = if fatal {
+        true
+    } else if complete || modifications {
+        if !modifications {
+            events.push(EventSpec::normal(
+                reason::IMPORT_SUCCEEDED,
+                "Import Successful",
+            ));
+        }
+        should_delete_pod(&with_updates)
+    } else {
+        false
+    };
+    ImportStep {
+        annotations: anno,
+        events,
+        delete_pod,
+        create_scratch,
+    }
+}
+
+/// What the upload reconciler does after looking at the upload pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadStep {
+    /// The claim's annotations as they should be.
+    pub annotations: BTreeMap<String, String>,
+    /// The server's deadline passed: delete the pod so a new one gets fresh certificates.
+    pub delete_pod: bool,
+}
+
+/// Upstream upload `reconcilePVC` after the pod exists.
+pub fn observe_upload_pod(pvc: &PersistentVolumeClaim, pod: &Pod) -> UploadStep {
+    let mut anno = annotations(pvc);
+    let term = termination_message(pod).ok().flatten();
+    let deadline_passed = term
+        .as_ref()
+        .is_some_and(|m| m.deadline_passed == Some(true));
+    if deadline_passed {
+        anno.insert(ann::POD_PHASE.into(), String::new());
+        anno.insert(ann::POD_READY.into(), "false".into());
+    } else {
+        anno.insert(ann::POD_PHASE.into(), pod_phase(pod).to_string());
+        anno.insert(ann::POD_READY.into(), is_pod_ready(pod).to_string());
+    }
+    set_annotations_from_pod(&mut anno, pod, term.as_ref());
+    UploadStep {
+        annotations: anno,
+        delete_pod: deadline_passed && pod.metadata.deletion_timestamp.is_none(),
+    }
+}
+
+// ---- DataVolume status --------------------------------------------------------------------
+
+/// Everything [`dv_status`] looks at.
+#[derive(Debug, Clone)]
+pub struct StatusInput<'a> {
+    /// The DataVolume.
+    pub dv: &'a DvView,
+    /// What it asks for.
+    pub op: Operation,
+    /// Its claim, if one exists.
+    pub pvc: Option<&'a PersistentVolumeClaim>,
+    /// False when the claim already holds the data (populated for / adopted).
+    pub requires_work: bool,
+    /// Why no claim could be made: (reason, message) for the Bound condition.
+    pub claim_error: Option<(&'a str, &'a str)>,
+    /// Freshly scraped progress percentage.
+    pub progress: Option<f64>,
+    /// Current time, RFC 3339.
+    pub now: &'a str,
+}
+
+/// The new status and the events due.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusOutcome {
+    /// New status (equal to the old one when nothing changed).
+    pub status: DvStatus,
+    /// Events to publish after the status is written.
+    pub events: Vec<EventSpec>,
+}
+
+/// Upstream `updateStatus` + `updateConditions` + `emitEvent` for import and upload
+/// DataVolumes.
+pub fn dv_status(input: &StatusInput<'_>) -> StatusOutcome {
+    let old = input.dv.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    let cur_phase = old.phase.clone();
+    let mut event: Option<EventSpec> = None;
+    let mut bound_reason = "";
+    let mut bound_message = "";
+
+    if let Some((r, m)) = input.claim_error.filter(|_| input.pvc.is_none()) {
+        st.phase = phase::UNSET.into();
+        bound_reason = r;
+        bound_message = m;
+    } else if input.op == Operation::Unsupported {
+        st.phase = phase::FAILED.into();
+        bound_reason = reason::UNSUPPORTED_SOURCE;
+        bound_message = "this controller does not support the DataVolume's source";
+        event = Some(EventSpec::warning(bound_reason, bound_message));
+    } else if input.pvc.is_none() {
+        if st.phase.is_empty() {
+            st.phase = phase::PENDING.into();
+        }
+    } else if let Some(pvc) = input
+        .pvc
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        st.claim_name = pvc.metadata.name.clone();
+        let pod_phase = ann_of(pvc, ann::POD_PHASE);
+        if pod_phase == Some("Succeeded") && input.requires_work {
+            op_phase(input.op, pvc, input.requires_work, &mut st, &mut event);
+        } else {
+            match claim_phase(pvc) {
+                "Pending" => {
+                    st.phase = if input.requires_work {
+                        phase::PENDING
                     } else {
-                        message
-                    },
-                    preallocation_applied: msg.preallocation_applied == Some(true),
+                        phase::SUCCEEDED
+                    }
+                    .into();
                 }
+                "Bound" => {
+                    if matches!(
+                        st.phase.as_str(),
+                        phase::PENDING | phase::WAIT_FOR_FIRST_CONSUMER | phase::UNKNOWN
+                    ) {
+                        st.phase = phase::PVC_BOUND.into();
+                    }
+                    if input.requires_work {
+                        op_phase(input.op, pvc, input.requires_work, &mut st, &mut event);
+                    } else {
+                        st.phase = phase::SUCCEEDED.into();
+                    }
+                }
+                "Lost" => {
+                    st.phase = phase::FAILED.into();
+                    event = Some(EventSpec::warning(
+                        reason::ERR_CLAIM_LOST,
+                        format!("PVC {} lost", pvc.metadata.name.as_deref().unwrap_or("")),
+                    ));
+                }
+                "" => {}
+                _ => st.phase = phase::UNKNOWN.into(),
             }
-            // Exit 0 without a parseable message means we cannot know the volume is whole:
-            // never report success for it.
-            Err(_) => Outcome::Retry {
-                reason: "Error",
-                message: format!(
-                    "worker exited 0 without a valid termination message: {}",
-                    termination::failure_line(text)
-                ),
-            },
-        },
-        code => {
-            let line = termination::failure_line(text);
-            let message = if line.is_empty() {
-                match code {
-                    Some(c) => format!("worker exited with code {c}"),
-                    None => "worker was killed by a signal".to_string(),
+        }
+        if let Some(r) = ann_of(pvc, ann::POD_RESTARTS).and_then(|r| r.parse::<i32>().ok())
+            && r >= 0
+        {
+            st.restart_count = r;
+        }
+        if st.progress.as_deref().unwrap_or("").is_empty() {
+            st.progress = Some(PROGRESS_NA.into());
+        }
+        if let Some(p) = input.progress
+            && st.phase != phase::SUCCEEDED
+            && st.phase != phase::FAILED
+        {
+            st.progress = Some(progress_text(p));
+        }
+    }
+
+    let original = old.conditions.clone();
+    update_conditions(&mut st, input.pvc, bound_reason, bound_message, input.now);
+    let mut events = Vec::new();
+    if st != old {
+        if let Some(ev) = event
+            && cur_phase != st.phase
+        {
+            events.push(ev);
+        }
+        let bound_is_error = input.pvc.is_none() && input.claim_error.is_some();
+        events.extend(condition_events(&st, &original, bound_is_error));
+    }
+    StatusOutcome { status: st, events }
+}
+
+/// Per-operation phase from the worker's mirrored pod phase (upstream's import/upload
+/// `updateStatusPhase`).
+fn op_phase(
+    op: Operation,
+    pvc: &PersistentVolumeClaim,
+    requires_work: bool,
+    st: &mut DvStatus,
+    event: &mut Option<EventSpec>,
+) {
+    let name = pvc.metadata.name.as_deref().unwrap_or("");
+    let pod_phase = ann_of(pvc, ann::POD_PHASE);
+    let pod_ann = match op {
+        Operation::Upload => ann::UPLOAD_POD,
+        _ => ann::IMPORT_POD,
+    };
+    if pod_phase != Some("Succeeded") {
+        let should_update =
+            ann_of(pvc, pod_ann).is_some() && claim_phase(pvc) == "Bound" && requires_work;
+        if !should_update {
+            return;
+        }
+    }
+    match op {
+        Operation::Upload => {
+            st.phase = phase::UPLOAD_SCHEDULED.into();
+            match pod_phase {
+                Some("Pending") => {
+                    *event = Some(EventSpec::normal(
+                        reason::UPLOAD_SCHEDULED,
+                        format!("Upload into {name} scheduled"),
+                    ));
                 }
-            } else {
-                termination::simplify_known_message(&line)
-            };
-            if is_checksum_failure(&message) {
-                Outcome::Fatal {
-                    reason: "ChecksumError",
-                    message,
+                Some("Running") if ann_of(pvc, ann::POD_READY) == Some("true") => {
+                    st.phase = phase::UPLOAD_READY.into();
+                    *event = Some(EventSpec::normal(
+                        reason::UPLOAD_READY,
+                        format!("Upload into {name} ready"),
+                    ));
                 }
-            } else if message
-                .to_ascii_lowercase()
-                .starts_with("failed to pull image")
-            {
-                Outcome::Retry {
-                    reason: "ImagePullFailed",
-                    message,
+                Some("Failed") => {
+                    *event = Some(EventSpec::warning(
+                        reason::UPLOAD_FAILED,
+                        format!("Upload into {name} failed"),
+                    ));
                 }
-            } else {
-                Outcome::Retry {
-                    reason: "Error",
-                    message,
+                Some("Succeeded") => {
+                    st.phase = phase::SUCCEEDED.into();
+                    *event = Some(EventSpec::normal(
+                        reason::UPLOAD_SUCCEEDED,
+                        format!("Successfully uploaded into {name}"),
+                    ));
                 }
+                _ => {}
+            }
+        }
+        _ => {
+            st.phase = phase::IMPORT_SCHEDULED.into();
+            match pod_phase {
+                Some("Pending") => {
+                    *event = Some(EventSpec::normal(
+                        reason::IMPORT_SCHEDULED,
+                        format!("Import into {name} scheduled"),
+                    ));
+                }
+                Some("Running") => {
+                    st.phase = phase::IMPORT_IN_PROGRESS.into();
+                    *event = Some(EventSpec::normal(
+                        reason::IMPORT_IN_PROGRESS,
+                        format!("Import into {name} in progress"),
+                    ));
+                }
+                Some("Failed") => {
+                    if ann_of(pvc, ann::IMPORT_FATAL_ERROR) == Some("true") {
+                        st.phase = phase::FAILED.into();
+                    }
+                    *event = Some(EventSpec::warning(
+                        reason::IMPORT_FAILED,
+                        format!("Failed to import into PVC {name}"),
+                    ));
+                }
+                Some("Succeeded") => {
+                    st.phase = phase::SUCCEEDED.into();
+                    st.progress = Some(PROGRESS_DONE.into());
+                    *event = Some(EventSpec::normal(
+                        reason::IMPORT_SUCCEEDED,
+                        format!("Successfully imported into PVC {name}"),
+                    ));
+                }
+                _ => {}
             }
         }
     }
 }
 
-/// Kubelet's restart back-off: base, doubling per restart, capped.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
-
-/// Delay before restart number `restarts` (1-based) with back-off base `base`.
-pub fn backoff(restarts: u32, base: Duration) -> Duration {
-    let shift = restarts.saturating_sub(1).min(16);
-    base.saturating_mul(1u32 << shift).min(MAX_BACKOFF)
+fn find<'a>(conds: &'a [DvCondition], type_: &str) -> Option<&'a DvCondition> {
+    conds.iter().find(|c| c.type_ == type_)
 }
 
-/// Set condition `type_`; returns true when status, reason or message changed (an event and a
-/// new transition time are due).
-pub fn set_condition(
-    conditions: &mut Vec<Condition>,
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// Upstream `updateCondition`: a status change moves the transition time; a message or reason
+/// change only the heartbeat; otherwise nothing changes (so steady states write nothing).
+pub fn update_condition(
+    conds: &mut Vec<DvCondition>,
     type_: &str,
     status: &str,
+    message: &str,
+    reason: &str,
+    now: &str,
+) {
+    if !conds.iter().any(|c| c.type_ == type_) {
+        conds.push(DvCondition {
+            type_: type_.to_string(),
+            ..Default::default()
+        });
+    }
+    let Some(c) = conds.iter_mut().find(|c| c.type_ == type_) else {
+        return;
+    };
+    let (message, reason) = (non_empty(message), non_empty(reason));
+    if c.status != status {
+        c.last_transition_time = Some(now.to_string());
+        c.last_heartbeat_time = Some(now.to_string());
+        c.message = message;
+        c.reason = reason;
+    } else if c.message != message || c.reason != reason {
+        c.message = message;
+        c.reason = reason;
+        c.last_heartbeat_time = Some(now.to_string());
+    }
+    c.status = status.to_string();
+}
+
+fn update_conditions(
+    st: &mut DvStatus,
+    pvc: Option<&PersistentVolumeClaim>,
     reason: &str,
     message: &str,
     now: &str,
-) -> bool {
-    let opt = |s: &str| {
-        if s.is_empty() {
-            None
-        } else {
-            Some(s.to_string())
-        }
+) {
+    let empty = BTreeMap::new();
+    let anno = pvc
+        .and_then(|p| p.metadata.annotations.as_ref())
+        .unwrap_or(&empty);
+    let ready = match st.phase.as_str() {
+        phase::SUCCEEDED => "True",
+        phase::UNKNOWN => "Unknown",
+        _ => "False",
     };
-    let new = Condition {
-        type_: type_.to_string(),
-        status: status.to_string(),
-        last_heartbeat_time: Some(now.to_string()),
-        last_transition_time: Some(now.to_string()),
-        reason: opt(reason),
-        message: opt(message),
-    };
-    match conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => {
-            let changed =
-                c.status != new.status || c.reason != new.reason || c.message != new.message;
-            c.last_heartbeat_time = new.last_heartbeat_time;
-            if changed {
-                c.status = new.status;
-                c.reason = new.reason;
-                c.message = new.message;
-                c.last_transition_time = new.last_transition_time;
+    let conds = &mut st.conditions;
+    // Bound.
+    match pvc {
+        Some(pvc) => {
+            let name = pvc.metadata.name.as_deref().unwrap_or("");
+            let pvc_cond = anno.get(ann::BOUND_CONDITION).map(|v| {
+                let status = match v.to_ascii_lowercase().as_str() {
+                    "true" => "True",
+                    "false" => "False",
+                    _ => "Unknown",
+                };
+                (
+                    status,
+                    anno.get(ann::BOUND_CONDITION_MESSAGE)
+                        .cloned()
+                        .unwrap_or_default(),
+                    anno.get(ann::BOUND_CONDITION_REASON)
+                        .cloned()
+                        .unwrap_or_default(),
+                )
+            });
+            let overridden = pvc_cond.as_ref().filter(|c| c.0 != "True");
+            match claim_phase(pvc) {
+                "Bound" => match overridden {
+                    None => update_condition(
+                        conds,
+                        "Bound",
+                        "True",
+                        &format!("PVC {name} Bound"),
+                        reason::BOUND,
+                        now,
+                    ),
+                    Some((_, m, r)) => {
+                        update_condition(conds, "Bound", "False", m, r, now);
+                        update_condition(conds, "Ready", "False", "", "", now);
+                    }
+                },
+                "Pending" => {
+                    match overridden {
+                        None => update_condition(
+                            conds,
+                            "Bound",
+                            "False",
+                            &format!("PVC {name} Pending"),
+                            "Pending",
+                            now,
+                        ),
+                        Some((_, m, r)) => update_condition(
+                            conds,
+                            "Bound",
+                            "False",
+                            &format!("target PVC {name} Pending and {m}"),
+                            r,
+                            now,
+                        ),
+                    }
+                    update_condition(conds, "Ready", "False", "", "", now);
+                }
+                "Lost" => {
+                    update_condition(conds, "Bound", "False", "Claim Lost", "ClaimLost", now);
+                    update_condition(conds, "Ready", "False", "", "", now);
+                }
+                _ => {
+                    update_condition(conds, "Bound", "False", "", "", now);
+                    update_condition(conds, "Ready", "False", "", "", now);
+                }
             }
-            changed
         }
         None => {
-            conditions.push(new);
-            true
+            let message = if message.is_empty() {
+                "No PVC found"
+            } else {
+                message
+            };
+            let reason = if reason.is_empty() {
+                "NotFound"
+            } else {
+                reason
+            };
+            update_condition(conds, "Bound", "False", message, reason, now);
+            update_condition(conds, "Ready", "False", "", "", now);
         }
     }
-}
-
-/// Ready condition for a phase: True iff Succeeded; reason `TransferRunning` while a worker runs.
-pub fn ready_condition(phase: &str) -> (&'static str, &'static str) {
-    match phase {
-        phase::SUCCEEDED => ("True", ""),
-        phase::IMPORT_IN_PROGRESS | phase::UPLOAD_READY => ("False", "TransferRunning"),
-        _ => ("False", ""),
+    // Ready.
+    let (ready_msg, ready_reason) = if pvc.is_none() {
+        (message, reason)
+    } else {
+        ("", "")
+    };
+    update_condition(conds, "Ready", ready, ready_msg, ready_reason, now);
+    // Running.
+    let get = |k: &str| anno.get(k).map(String::as_str).unwrap_or("");
+    if anno.get(ann::POD_SCHEDULABLE).map(String::as_str) == Some("false") {
+        update_condition(
+            conds,
+            "Running",
+            "False",
+            "Importer pod cannot be scheduled",
+            "Unschedulable",
+            now,
+        );
+    } else if let Some(v) = anno.get(ann::RUNNING_CONDITION) {
+        let msg = get(ann::RUNNING_CONDITION_MESSAGE);
+        let rsn = get(ann::RUNNING_CONDITION_REASON);
+        match v.to_ascii_lowercase().as_str() {
+            "true" => {
+                update_condition(conds, "Running", "True", msg, rsn, now);
+                update_condition(conds, "Ready", "False", "", "TransferRunning", now);
+            }
+            "false" => update_condition(conds, "Running", "False", msg, rsn, now),
+            _ => update_condition(conds, "Running", "Unknown", msg, rsn, now),
+        }
+    } else {
+        update_condition(
+            conds,
+            "Running",
+            "False",
+            get(ann::RUNNING_CONDITION_MESSAGE),
+            get(ann::RUNNING_CONDITION_REASON),
+            now,
+        );
     }
 }
 
-/// Reason of Running=True (upstream's `podRunningReason`).
-pub const POD_RUNNING: &str = "Pod is running";
+/// Upstream `emitConditionEvent`: a Normal event when the Bound condition changes (a Warning
+/// when it carries why no claim could be made); a Warning with the Running condition's reason
+/// when a bound, not-ready, not-running DataVolume gets a new failure message (scratch-space
+/// requests are not failures).
+fn condition_events(
+    st: &DvStatus,
+    original: &[DvCondition],
+    bound_is_error: bool,
+) -> Vec<EventSpec> {
+    let mut out = Vec::new();
+    let cur_bound = find(&st.conditions, "Bound");
+    if let Some(b) = cur_bound {
+        let org = find(original, "Bound");
+        let changed = org
+            .is_none_or(|o| o.status != b.status || o.reason != b.reason || o.message != b.message);
+        if changed && b.reason.is_some() {
+            let r = b.reason.clone().unwrap_or_default();
+            let m = b.message.clone().unwrap_or_default();
+            out.push(if !bound_is_error {
+                EventSpec::normal(&r, m)
+            } else {
+                EventSpec::warning(&r, m)
+            });
+        }
+    }
+    let (Some(ready), Some(bound), Some(run)) = (
+        find(&st.conditions, "Ready"),
+        cur_bound,
+        find(&st.conditions, "Running"),
+    ) else {
+        return out;
+    };
+    let org_run = find(original, "Running");
+    if ready.status == "False" && run.status == "False" && bound.status == "True" {
+        let msg = run.message.clone().unwrap_or_default();
+        if !msg.is_empty()
+            && msg != running::SCRATCH_SPACE_REQUIRED_MESSAGE
+            && org_run.is_none_or(|o| o.message.as_deref() != Some(msg.as_str()))
+        {
+            out.push(EventSpec::warning(run.reason.as_deref().unwrap_or(""), msg));
+        }
+    }
+    out
+}
 
-/// Parse the progress metric of `owner_uid` from a Prometheus text body; `None` if absent.
+// ---- progress -----------------------------------------------------------------------------
+
+/// Metric names the progress scrape accepts (import and clone report the same way).
+const PROGRESS_METRICS: [&str; 2] = [
+    "kubevirt_cdi_import_progress_total",
+    "kubevirt_cdi_clone_progress_total",
+];
+
+/// The progress percentage of `owner_uid` in a Prometheus text body; `None` if absent.
 pub fn parse_progress(body: &str, owner_uid: &str) -> Option<f64> {
-    let prefixes = [
-        format!("kubevirt_cdi_import_progress_total{{ownerUID=\"{owner_uid}\"}} "),
-        format!("kubevirt_cdi_clone_progress_total{{ownerUID=\"{owner_uid}\"}} "),
-    ];
+    let label = format!("{{ownerUID=\"{owner_uid}\"}}");
     body.lines().find_map(|line| {
-        prefixes
+        let rest = PROGRESS_METRICS
             .iter()
-            .find_map(|p| line.strip_prefix(p.as_str()))
-            .and_then(|v| {
-                let v: f64 = v.split_whitespace().next()?.parse().ok()?;
-                (0.0..=100.0).contains(&v).then_some(v)
-            })
+            .find_map(|m| line.strip_prefix(m)?.strip_prefix(label.as_str()))?;
+        let v: f64 = rest.split_whitespace().next()?.parse().ok()?;
+        (0.0..=100.0).contains(&v).then_some(v)
     })
 }
 
@@ -309,229 +1079,36 @@ pub fn progress_text(pct: f64) -> String {
     format!("{pct:.2}%")
 }
 
-/// Progress text of a completed volume.
-pub const PROGRESS_DONE: &str = "100.0%";
-/// Progress text before anything is known.
-pub const PROGRESS_NA: &str = "N/A";
+// ---- storage classes ----------------------------------------------------------------------
 
-/// Size of the claim to create for a DataVolume: `spec.pvc` verbatim; `spec.storage` inflated by
-/// filesystem overhead (Filesystem mode only).
-pub fn claim_size(requested: u64, from_storage_api: bool, filesystem: bool, overhead: f64) -> u64 {
-    if from_storage_api && filesystem {
-        cdi_api::overhead::required_space(overhead, requested)
-    } else {
-        requested
-    }
-}
-
-/// A storage class as the class-selection rule sees it.
-#[derive(Debug, Clone)]
-pub struct ClassInfo {
-    /// Class name.
-    pub name: String,
-    /// Carries the Kubernetes default annotation.
-    pub is_default: bool,
-    /// Carries the virtualization default annotation.
-    pub is_virt_default: bool,
-    /// Creation time (seconds), newest default wins.
-    pub created: u64,
-}
-
-/// Pick the storage class: the requested one, else the virt default (kubevirt content only),
-/// else the Kubernetes default; among several defaults the newest, then by name.
-pub fn choose_class(
-    requested: Option<&str>,
-    classes: &[ClassInfo],
-    kubevirt_content: bool,
-) -> Option<String> {
-    if let Some(r) = requested.filter(|r| !r.is_empty()) {
-        return Some(r.to_string());
-    }
-    let newest = |f: &dyn Fn(&ClassInfo) -> bool| {
+/// Pick the storage class for a claim that names none: the virt default (kubevirt content
+/// only), else the Kubernetes default; among several defaults the newest, then by name
+/// (upstream `GetPlatformDefaultStorageClass`).
+pub fn default_class(classes: &[StorageClass], kubevirt_content: bool) -> Option<String> {
+    let is = |c: &StorageClass, key: &str| {
+        c.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .is_some_and(|v| v == "true")
+    };
+    let newest = |key: &str| {
         classes
             .iter()
-            .filter(|c| f(c))
-            .max_by(|a, b| a.created.cmp(&b.created).then_with(|| b.name.cmp(&a.name)))
-            .map(|c| c.name.clone())
+            .filter(|c| is(c, key))
+            .max_by(|a, b| {
+                let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                ta.cmp(&tb)
+                    .then_with(|| b.metadata.name.cmp(&a.metadata.name))
+            })
+            .and_then(|c| c.metadata.name.clone())
     };
-    if kubevirt_content && let Some(c) = newest(&|c| c.is_virt_default) {
+    if kubevirt_content && let Some(c) = newest(ann::DEFAULT_VIRT_STORAGE_CLASS) {
         return Some(c);
     }
-    newest(&|c| c.is_default)
-}
-
-/// Scratch class: CDIConfig's if it exists, else the default class, else the target's class.
-pub fn scratch_class(configured: Option<&str>, classes: &[ClassInfo], target: &str) -> String {
-    if let Some(c) = configured.filter(|c| classes.iter().any(|k| k.name == *c)) {
-        return c.to_string();
-    }
-    choose_class(None, classes, false).unwrap_or_else(|| target.to_string())
+    newest(ann::DEFAULT_STORAGE_CLASS)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn exit(code: i32, t: &str) -> ExitStatus {
-        ExitStatus {
-            code: Some(code),
-            termination: t.to_string(),
-        }
-    }
-
-    #[test]
-    fn success_scratch_and_failures_are_classified() {
-        assert_eq!(
-            classify(&exit(
-                0,
-                r#"{"preallocationApplied":true,"message":"Import Complete"}"#
-            )),
-            Outcome::Completed {
-                message: "Import Complete".into(),
-                preallocation_applied: true
-            }
-        );
-        assert_eq!(
-            classify(&exit(0, r#"{"scratchSpaceRequired":true}"#)),
-            Outcome::ScratchRequired
-        );
-        let msg = "Unable to connect to http data source: expected status code 200, got 404. Status: 404 Not Found";
-        assert_eq!(
-            classify(&exit(1, &format!("{msg}\nmore"))),
-            Outcome::Retry {
-                reason: "Error",
-                message: msg.into()
-            }
-        );
-        assert!(matches!(
-            classify(&exit(1, "checksum mismatch: expected sha256:aa")),
-            Outcome::Fatal {
-                reason: "ChecksumError",
-                ..
-            }
-        ));
-        assert!(matches!(
-            classify(&exit(1, "failed to pull image: eof")),
-            Outcome::Retry {
-                reason: "ImagePullFailed",
-                ..
-            }
-        ));
-        assert_eq!(
-            classify(&exit(1, "write: no space left on device")),
-            Outcome::Retry {
-                reason: "Error",
-                message: "DataVolume too small to contain image".into()
-            }
-        );
-    }
-
-    #[test]
-    fn exit_zero_without_message_is_never_success() {
-        assert!(matches!(classify(&exit(0, "")), Outcome::Retry { .. }));
-        assert!(matches!(
-            classify(&ExitStatus {
-                code: None,
-                termination: String::new()
-            }),
-            Outcome::Retry { .. }
-        ));
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let b = Duration::from_secs(10);
-        assert_eq!(backoff(1, b), Duration::from_secs(10));
-        assert_eq!(backoff(2, b), Duration::from_secs(20));
-        assert_eq!(backoff(4, b), Duration::from_secs(80));
-        assert_eq!(backoff(30, b), MAX_BACKOFF);
-    }
-
-    #[test]
-    fn conditions_change_only_on_content() {
-        let mut c = Vec::new();
-        assert!(set_condition(
-            &mut c,
-            "Running",
-            "True",
-            POD_RUNNING,
-            "",
-            "t1"
-        ));
-        assert!(!set_condition(
-            &mut c,
-            "Running",
-            "True",
-            POD_RUNNING,
-            "",
-            "t2"
-        ));
-        assert_eq!(c[0].last_transition_time.as_deref(), Some("t1"));
-        assert_eq!(c[0].last_heartbeat_time.as_deref(), Some("t2"));
-        assert!(set_condition(
-            &mut c, "Running", "False", "Error", "boom", "t3"
-        ));
-        assert_eq!(c[0].last_transition_time.as_deref(), Some("t3"));
-    }
-
-    #[test]
-    fn progress_is_scraped_for_the_owner_only() {
-        let body = "# HELP x\nkubevirt_cdi_import_progress_total{ownerUID=\"other\"} 99\n\
-                    kubevirt_cdi_import_progress_total{ownerUID=\"u1\"} 45.3412\n";
-        assert_eq!(parse_progress(body, "u1"), Some(45.3412));
-        assert_eq!(progress_text(45.3412), "45.34%");
-        assert_eq!(parse_progress(body, "u2"), None);
-    }
-
-    #[test]
-    fn storage_api_inflates_by_overhead() {
-        assert_eq!(claim_size(1 << 30, true, true, 0.055), 1_132_797_625);
-        assert_eq!(claim_size(1 << 30, false, true, 0.055), 1 << 30);
-        assert_eq!(claim_size(1 << 30, true, false, 0.055), 1 << 30);
-    }
-
-    #[test]
-    fn class_choice_prefers_request_then_virt_then_newest_default() {
-        let classes = vec![
-            ClassInfo {
-                name: "local".into(),
-                is_default: true,
-                is_virt_default: false,
-                created: 1,
-            },
-            ClassInfo {
-                name: "fast".into(),
-                is_default: true,
-                is_virt_default: false,
-                created: 5,
-            },
-            ClassInfo {
-                name: "virt".into(),
-                is_default: false,
-                is_virt_default: true,
-                created: 0,
-            },
-        ];
-        assert_eq!(
-            choose_class(Some("x"), &classes, true).as_deref(),
-            Some("x")
-        );
-        assert_eq!(choose_class(None, &classes, true).as_deref(), Some("virt"));
-        assert_eq!(choose_class(None, &classes, false).as_deref(), Some("fast"));
-        assert_eq!(choose_class(None, &[], false), None);
-        assert_eq!(scratch_class(Some("nope"), &classes, "t"), "fast");
-        assert_eq!(scratch_class(Some("local"), &classes, "t"), "local");
-        assert_eq!(scratch_class(None, &[], "t"), "t");
-    }
-
-    #[test]
-    fn phase_events_use_upstream_texts() {
-        let op = Operation::Import("http");
-        assert_eq!(
-            op.phase_event(phase::IMPORT_SCHEDULED, "p").unwrap().1,
-            "Import into p scheduled"
-        );
-        assert_eq!(Operation::Upload.running_phase(), phase::UPLOAD_READY);
-        assert_eq!(ready_condition(phase::SUCCEEDED), ("True", ""));
-    }
-}
+mod tests;

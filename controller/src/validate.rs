@@ -1,17 +1,20 @@
 //! DataVolume admission, as upstream's `datavolume-validate` webhook decides it.
 //!
-//! Pure functions over the typed spec; the API layer turns the returned causes into a 422
-//! `Status` body. Sources this control plane cannot run yet (clones, DataSource references,
-//! imageio, vddk, gcs) are refused here with a message saying so, rather than accepted and left
+//! Pure functions over the typed DataVolume returning field causes; `cdi serve`'s API server and
+//! an admission webhook both turn them into a 422 `Status` / a denied `AdmissionResponse`.
+//! Sources this controller cannot run (clones, DataSource references, gcs, imageio, vddk,
+//! registry node pull) are refused here with a message saying so, rather than accepted and left
 //! pending forever.
 
+use cdi_api::names;
 use cdi_api::quantity::parse_bytes;
-use cdi_api::resources::{ClaimSpec, DataVolume, DataVolumeSpec, HttpSource};
+use k8s_openapi::api::core::v1::PersistentVolumeClaimSpec;
+use serde::Serialize;
 
-/// Upstream's minimum claim size (smaller requests are rejected).
+use crate::model::{DvSpec, DvView, HttpSource};
+
+/// Upstream's minimum claim size: KubeVirt does not accept disks smaller than 1 MiB.
 pub const MIN_PVC_SIZE: u64 = 1 << 20;
-/// DNS-1123 subdomain length limit for names.
-pub const MAX_NAME_LEN: usize = 253;
 
 const ACCESS_MODES: [&str; 4] = [
     "ReadWriteOnce",
@@ -36,39 +39,53 @@ fn cause(field: &str, message: impl Into<String>) -> Cause {
     }
 }
 
-/// Whether `name` is a DNS-1123 subdomain (lowercase alphanumerics, `-` and `.`, alphanumeric
-/// at both ends, at most 253 characters).
-pub fn valid_name(name: &str) -> bool {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
-    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name.chars().all(ok_char)
-        && name.chars().next().is_some_and(alnum)
-        && name.chars().last().is_some_and(alnum)
+/// Validate a DataVolume on create (any serializable DataVolume: the typed
+/// `cdi_resources::DataVolume` of either served version, or a dynamic object).
+pub fn validate_create<T: Serialize>(dv: &T) -> Result<(), Vec<Cause>> {
+    match DvView::from_object(dv) {
+        Ok(view) => validate_view(&view),
+        Err(e) => Err(vec![cause("", format!("malformed DataVolume: {e}"))]),
+    }
 }
 
-/// Validate a DataVolume on create.
-pub fn validate_create(dv: &DataVolume) -> Result<(), Vec<Cause>> {
+/// Validate a DataVolume update: the spec is immutable except the multi-stage checkpoint
+/// fields.
+pub fn validate_update<T: Serialize>(old: &T, new: &T) -> Result<(), Vec<Cause>> {
+    let (old, new) = match (DvView::from_object(old), DvView::from_object(new)) {
+        (Ok(o), Ok(n)) => (o, n),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(vec![cause("", format!("malformed DataVolume: {e}"))]);
+        }
+    };
+    let strip = |s: &DvSpec| DvSpec {
+        checkpoints: None,
+        final_checkpoint: None,
+        ..s.clone()
+    };
+    if strip(&old.spec) != strip(&new.spec) {
+        return Err(vec![cause(
+            "spec",
+            format!(
+                "Cannot update spec for DataVolume {}: the spec is immutable after creation",
+                new.name()
+            ),
+        )]);
+    }
+    Ok(())
+}
+
+/// Validate a decoded DataVolume.
+pub fn validate_view(dv: &DvView) -> Result<(), Vec<Cause>> {
     let mut causes = Vec::new();
     let api = dv.api_version.as_str();
-    if !api.is_empty()
-        && api != cdi_api::resources::CDI_V1BETA1
-        && api != cdi_api::resources::CDI_V1ALPHA1
-    {
+    if !api.is_empty() && api != "cdi.kubevirt.io/v1beta1" && api != "cdi.kubevirt.io/v1alpha1" {
         causes.push(cause(
             "apiVersion",
             format!("unsupported apiVersion {api:?} for DataVolume"),
         ));
     }
-    if !valid_name(&dv.metadata.name) {
-        causes.push(cause(
-            "metadata.name",
-            format!(
-                "invalid DataVolume name {:?}: must be a lowercase DNS-1123 subdomain of at most {MAX_NAME_LEN} characters",
-                dv.metadata.name
-            ),
-        ));
+    if let Some(problem) = names::name_problem(dv.name(), names::MAX_DATAVOLUME_NAME_LEN) {
+        causes.push(cause("metadata.name", format!("DataVolume {problem}")));
     }
     validate_spec(&dv.spec, &mut causes);
     if causes.is_empty() {
@@ -78,22 +95,11 @@ pub fn validate_create(dv: &DataVolume) -> Result<(), Vec<Cause>> {
     }
 }
 
-/// Validate a DataVolume update: the spec is immutable.
-pub fn validate_update(old: &DataVolume, new: &DataVolume) -> Result<(), Vec<Cause>> {
-    if old.spec != new.spec {
-        return Err(vec![cause(
-            "spec",
-            format!(
-                "Cannot update spec for DataVolume {}: the spec is immutable after creation",
-                new.metadata.name
-            ),
-        )]);
-    }
-    Ok(())
+fn has_external_population(c: &PersistentVolumeClaimSpec) -> bool {
+    c.data_source.is_some() || c.data_source_ref.is_some()
 }
 
-fn validate_spec(spec: &DataVolumeSpec, causes: &mut Vec<Cause>) {
-    // Storage definition.
+fn validate_spec(spec: &DvSpec, causes: &mut Vec<Cause>) {
     let claim = match (&spec.pvc, &spec.storage) {
         (Some(_), Some(_)) => {
             causes.push(cause(
@@ -118,11 +124,23 @@ fn validate_spec(spec: &DataVolumeSpec, causes: &mut Vec<Cause>) {
             Some(s)
         }
     };
-    if let Some(c) = claim
-        && let Some(sc) = &c.storage_class_name
-        && sc.len() > MAX_NAME_LEN
-    {
-        causes.push(cause("storageClassName", "storage class name is too long"));
+    if let Some(c) = claim {
+        if let Some(sc) = &c.storage_class_name
+            && !sc.is_empty()
+            && !names::is_dns1123_subdomain(sc)
+        {
+            causes.push(cause(
+                "storageClassName",
+                "storage class name must be a DNS-1123 subdomain of at most 253 characters",
+            ));
+        }
+        if has_external_population(c) {
+            causes.push(cause(
+                "spec",
+                "external population (dataSource/dataSourceRef) is not supported by this controller",
+            ));
+            return;
+        }
     }
 
     let content_type = spec.content_type.as_deref().unwrap_or("");
@@ -142,23 +160,20 @@ fn validate_spec(spec: &DataVolumeSpec, causes: &mut Vec<Cause>) {
             return;
         }
         (None, Some(r)) => {
-            let kind = r.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-            if kind != "DataSource" {
+            if r.kind != "DataSource" {
                 causes.push(cause(
                     "spec.sourceRef.kind",
-                    format!("Unsupported sourceRef kind {kind:?}: only DataSource is valid"),
+                    format!(
+                        "Unsupported sourceRef kind {:?}: only DataSource is valid",
+                        r.kind
+                    ),
                 ));
-            } else if r
-                .get("name")
-                .and_then(|n| n.as_str())
-                .unwrap_or("")
-                .is_empty()
-            {
+            } else if r.name.is_empty() {
                 causes.push(cause("spec.sourceRef.name", "sourceRef name is missing"));
             } else {
                 causes.push(cause(
                     "spec.sourceRef",
-                    "sourceRef is not supported yet: this control plane has no DataSources; use spec.source instead",
+                    "sourceRef is not supported yet by this controller; use spec.source instead",
                 ));
             }
             return;
@@ -197,7 +212,12 @@ fn validate_spec(spec: &DataVolumeSpec, causes: &mut Vec<Cause>) {
         }
         "s3" => {
             if let Some(h) = &source.s3 {
-                validate_url("spec.source.s3.url", &h.url, &["http", "https"], causes);
+                validate_url(
+                    "spec.source.s3.url",
+                    &h.url,
+                    &["http", "https", "s3"],
+                    causes,
+                );
                 if h.checksum.is_some() {
                     causes.push(cause(
                         "spec.source.s3.checksum",
@@ -215,20 +235,31 @@ fn validate_spec(spec: &DataVolumeSpec, causes: &mut Vec<Cause>) {
                     ));
                 }
                 match (&r.url, &r.image_stream) {
-                    (Some(u), None) => validate_url("spec.source.registry.url", u, &["docker", "oci-archive"], causes),
+                    (Some(u), None) => validate_url(
+                        "spec.source.registry.url",
+                        u,
+                        &["docker", "oci-archive"],
+                        causes,
+                    ),
                     (None, Some(_)) => causes.push(cause(
                         "spec.source.registry.imageStream",
-                        "imageStream sources need pullMethod node, which this control plane does not support",
+                        "imageStream sources need pullMethod node, which this controller does not support",
                     )),
-                    _ => causes.push(cause("spec.source.registry", "Source registry should have either url or imageStream, exactly one")),
+                    _ => causes.push(cause(
+                        "spec.source.registry",
+                        "Source registry should have either url or imageStream, exactly one",
+                    )),
                 }
-                if let Some(pm) = &r.pull_method
-                    && !matches!(pm.as_str(), "" | "pod" | "node")
-                {
-                    causes.push(cause(
+                match r.pull_method.as_deref() {
+                    None | Some("" | "pod") => {}
+                    Some("node") => causes.push(cause(
+                        "spec.source.registry.pullMethod",
+                        "pullMethod node is not supported by this controller",
+                    )),
+                    Some(pm) => causes.push(cause(
                         "spec.source.registry.pullMethod",
                         format!("ImportMethod {pm} is not supported"),
-                    ));
+                    )),
                 }
             }
         }
@@ -243,29 +274,44 @@ fn validate_spec(spec: &DataVolumeSpec, causes: &mut Vec<Cause>) {
         "upload" => {}
         "pvc" | "snapshot" => causes.push(cause(
             &format!("spec.source.{}", variants[0]),
-            "cloning is not supported yet by this control plane",
+            "cloning is not supported yet by this controller",
         )),
         other => causes.push(cause(
             &format!("spec.source.{other}"),
-            format!("{other} sources are not supported by this control plane"),
+            format!("{other} sources are not supported by this controller"),
         )),
     }
 }
 
-fn validate_claim(field: &str, c: &ClaimSpec, exactly_one_mode: bool, causes: &mut Vec<Cause>) {
-    if exactly_one_mode && c.access_modes.is_empty() {
+fn requested_storage(c: &PersistentVolumeClaimSpec) -> Option<String> {
+    c.resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")
+        .map(|q| q.0.clone())
+}
+
+fn validate_claim(
+    field: &str,
+    c: &PersistentVolumeClaimSpec,
+    exactly_one_mode: bool,
+    causes: &mut Vec<Cause>,
+) {
+    let modes = c.access_modes.as_deref().unwrap_or_default();
+    if exactly_one_mode && modes.is_empty() {
         causes.push(cause(
             &format!("{field}.accessModes"),
             "Required value: at least 1 access mode is required",
         ));
     }
-    if exactly_one_mode && c.access_modes.len() > 1 {
+    if exactly_one_mode && modes.len() > 1 {
         causes.push(cause(
             &format!("{field}.accessModes"),
             "PVC multiple accessModes: exactly one is allowed in spec.pvc",
         ));
     }
-    for m in &c.access_modes {
+    for m in modes {
         if !ACCESS_MODES.contains(&m.as_str()) {
             causes.push(cause(
                 &format!("{field}.accessModes"),
@@ -282,7 +328,7 @@ fn validate_claim(field: &str, c: &ClaimSpec, exactly_one_mode: bool, causes: &m
         ));
     }
     let size_field = format!("{field}.resources.requests.storage");
-    match c.requested_storage() {
+    match requested_storage(c) {
         None => causes.push(cause(&size_field, "PVC size is missing")),
         Some(text) => match parse_bytes(&text) {
             Err(_) => causes.push(cause(&size_field, format!("invalid quantity {text:?}"))),
@@ -353,14 +399,11 @@ fn validate_checksum(h: &HttpSource, causes: &mut Vec<Cause>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
-    fn dv(spec: serde_json::Value) -> DataVolume {
-        serde_json::from_value(
-            json!({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
-            "metadata": {"name": "dv"}, "spec": spec}),
-        )
-        .unwrap()
+    fn dv(spec: Value) -> Value {
+        json!({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+            "metadata": {"name": "dv"}, "spec": spec})
     }
 
     fn messages(r: Result<(), Vec<Cause>>) -> String {
@@ -372,24 +415,25 @@ mod tests {
             .join("|")
     }
 
-    fn storage() -> serde_json::Value {
+    fn storage() -> Value {
         json!({"resources": {"requests": {"storage": "1Gi"}}})
     }
 
     #[test]
-    fn valid_http_and_blank_pass() {
-        assert!(
-            validate_create(&dv(json!({"source": {"http": {"url": "http://h/x.qcow2",
-            "checksum": format!("sha256:{}", "a".repeat(64))}}, "storage": storage()})))
-            .is_ok()
+    fn valid_http_upload_and_blank_pass() {
+        let sum = format!("sha256:{}", "a".repeat(64));
+        let http = dv(
+            json!({"source": {"http": {"url": "http://h/x.qcow2", "checksum": sum}},
+            "storage": storage()}),
         );
-        assert!(
-            validate_create(&dv(
-                json!({"source": {"blank": {}}, "pvc": {"accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": "500Mi"}}}})
-            ))
-            .is_ok()
+        assert_eq!(validate_create(&http), Ok(()));
+        let blank = dv(
+            json!({"source": {"blank": {}}, "pvc": {"accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "500Mi"}}}}),
         );
+        assert_eq!(validate_create(&blank), Ok(()));
+        let upload = dv(json!({"source": {"upload": {}}, "storage": storage()}));
+        assert_eq!(validate_create(&upload), Ok(()));
     }
 
     #[test]
@@ -402,10 +446,8 @@ mod tests {
             m.contains("Multiple Data volume sources: http, registry"),
             "{m}"
         );
-        assert!(
-            messages(validate_create(&dv(json!({"storage": storage()}))))
-                .contains("Missing Data volume source")
-        );
+        let m = messages(validate_create(&dv(json!({"storage": storage()}))));
+        assert!(m.contains("Missing Data volume source"), "{m}");
     }
 
     #[test]
@@ -414,10 +456,8 @@ mod tests {
             json!({"source": {"blank": {}}, "storage": storage(), "pvc": storage()}),
         )));
         assert!(m.contains("Duplicate storage definition"), "{m}");
-        assert!(
-            messages(validate_create(&dv(json!({"source": {"blank": {}}}))))
-                .contains("Missing Data volume PVC")
-        );
+        let m = messages(validate_create(&dv(json!({"source": {"blank": {}}}))));
+        assert!(m.contains("Missing Data volume PVC"), "{m}");
     }
 
     #[test]
@@ -425,12 +465,10 @@ mod tests {
         let m = messages(validate_create(&dv(json!({"source": {"blank": {}},
             "storage": {"resources": {"requests": {"storage": "1Ki"}}}}))));
         assert!(m.contains("minimum of 1Mi"), "{m}");
-        assert!(
-            messages(validate_create(&dv(
-                json!({"source": {"blank": {}}, "storage": {}})
-            )))
-            .contains("PVC size is missing")
-        );
+        let m = messages(validate_create(&dv(
+            json!({"source": {"blank": {}}, "storage": {}}),
+        )));
+        assert!(m.contains("PVC size is missing"), "{m}");
     }
 
     #[test]
@@ -440,45 +478,87 @@ mod tests {
         )));
         assert!(m.contains("unsupported URL scheme \"ftp\""), "{m}");
         let m = messages(validate_create(&dv(
-            json!({"source": {"http": {"url": "http://h/x", "checksum": "sha256:abc"}},
-            "storage": storage()}),
+            json!({"source": {"http": {"url": "http://h/x",
+            "checksum": "sha256:abc"}}, "storage": storage()}),
         )));
         assert!(m.contains("expected 64 hex digits"), "{m}");
         let m = messages(validate_create(&dv(
-            json!({"source": {"http": {"url": "http://h/x", "checksum": "crc:00"}},
-            "storage": storage()}),
+            json!({"source": {"http": {"url": "http://h/x",
+            "checksum": "crc:00"}}, "storage": storage()}),
         )));
         assert!(m.contains("unsupported checksum algorithm"), "{m}");
     }
 
     #[test]
-    fn blank_archive_and_source_ref_rejected() {
-        let m = messages(validate_create(&dv(
-            json!({"source": {"blank": {}}, "contentType": "archive", "storage": storage()}),
-        )));
+    fn registry_rules() {
+        let m = messages(validate_create(&dv(json!({"source": {"registry":
+            {"url": "docker://r/i", "pullMethod": "node"}}, "storage": storage()}))));
+        assert!(m.contains("pullMethod node"), "{m}");
+        let m = messages(validate_create(&dv(json!({"source": {"registry":
+            {"url": "http://r/i"}}, "storage": storage()}))));
+        assert!(m.contains("unsupported URL scheme"), "{m}");
+        let m = messages(validate_create(&dv(json!({"source": {"registry":
+            {"url": "docker://r/i"}}, "contentType": "archive", "storage": storage()}))));
+        assert!(m.contains("must be kubevirt"), "{m}");
+    }
+
+    #[test]
+    fn blank_archive_source_ref_and_clones_rejected() {
+        let m = messages(validate_create(&dv(json!({"source": {"blank": {}},
+            "contentType": "archive", "storage": storage()}))));
         assert!(m.contains("blank and the contentType be archive"), "{m}");
         let m = messages(validate_create(&dv(
-            json!({"sourceRef": {"kind": "DataSource", "name": "fedora"}, "storage": storage()}),
+            json!({"sourceRef": {"kind": "DataSource",
+            "name": "fedora"}, "storage": storage()}),
         )));
         assert!(m.contains("sourceRef is not supported yet"), "{m}");
+        let m = messages(validate_create(&dv(
+            json!({"source": {"pvc": {"namespace": "a",
+            "name": "b"}}, "storage": storage()}),
+        )));
+        assert!(m.contains("cloning is not supported"), "{m}");
     }
 
     #[test]
     fn pvc_needs_one_access_mode_and_names_are_dns() {
-        let m = messages(validate_create(&dv(
-            json!({"source": {"blank": {}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
-        )));
+        let m = messages(validate_create(&dv(json!({"source": {"blank": {}},
+            "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}))));
         assert!(m.contains("at least 1 access mode"), "{m}");
-        assert!(!valid_name("Bad_Name"));
-        assert!(valid_name("fedora-dv.1"));
+        let bad_name = |name: &str| {
+            let mut d = dv(json!({"source": {"blank": {}}, "storage": storage()}));
+            d["metadata"]["name"] = json!(name);
+            messages(validate_create(&d))
+        };
+        assert!(bad_name("Bad_Name").contains("DNS-1123"));
+        assert!(bad_name("a..b").contains("DNS-1123"));
+        assert!(bad_name(&"a".repeat(64)).contains("at most 63"));
+        assert!(bad_name("fedora-dv.1").is_empty());
     }
 
     #[test]
-    fn spec_is_immutable() {
+    fn typed_resources_of_both_versions_are_validated() {
+        let good = dv(json!({"source": {"http": {"url": "http://h/x"}}, "storage": storage()}));
+        let typed: cdi_resources::DataVolume = serde_json::from_value(good.clone()).unwrap();
+        assert_eq!(validate_create(&typed), Ok(()));
+        let mut alpha = good;
+        alpha["apiVersion"] = json!("cdi.kubevirt.io/v1alpha1");
+        let typed: cdi_resources::v1alpha1::DataVolume = serde_json::from_value(alpha).unwrap();
+        assert_eq!(validate_create(&typed), Ok(()));
+        let bad = dv(
+            json!({"source": {"http": {"url": "http://h/x"}, "blank": {}}, "storage": storage()}),
+        );
+        let typed: cdi_resources::DataVolume = serde_json::from_value(bad).unwrap();
+        assert!(messages(validate_create(&typed)).contains("Multiple Data volume sources"));
+    }
+
+    #[test]
+    fn spec_is_immutable_except_checkpoints() {
         let a = dv(json!({"source": {"blank": {}}, "storage": storage()}));
         let mut b = a.clone();
-        assert!(validate_update(&a, &b).is_ok());
-        b.spec.preallocation = Some(true);
+        assert_eq!(validate_update(&a, &b), Ok(()));
+        b["spec"]["finalCheckpoint"] = json!(true);
+        assert_eq!(validate_update(&a, &b), Ok(()));
+        b["spec"]["preallocation"] = json!(true);
         assert!(messages(validate_update(&a, &b)).contains("immutable"));
     }
 }

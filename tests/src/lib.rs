@@ -12,6 +12,7 @@
 //!   and pushed with skopeo.
 //! * [`s3`]: a SigV4-verifying S3 server (moto in a cached virtualenv).
 //! * [`qemu`]: qemu-img helpers used as the oracle.
+//! * [`serve`]: `cdi serve` itself, with its client commands and raw API requests.
 //!
 //! Tests that cannot run their component call [`skip`] and return; CI installs everything, so a
 //! skip there is a bug.
@@ -22,6 +23,7 @@ pub mod pki;
 pub mod qemu;
 pub mod registry;
 pub mod s3;
+pub mod serve;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -5,167 +5,18 @@
 //! are observable quickly) over its own data directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cdi_tests::nginx::{Nginx, NginxOptions};
 use cdi_tests::qemu::{self, Fixtures};
-use cdi_tests::{KillOnDrop, cdi_bin, have, skip};
+use cdi_tests::serve::Serve;
+use cdi_tests::{have, skip};
 use serde_json::Value;
 
 const IMAGE_SIZE: u64 = 16 << 20;
 /// Bytes per second nginx serves `/slow/` at (long enough to kill things mid-import).
 const SLOW_RATE: &str = "1m";
-
-struct Serve {
-    dir: PathBuf,
-    child: Option<KillOnDrop>,
-}
-
-impl Serve {
-    fn start(dir: &Path) -> Serve {
-        let _ = std::fs::remove_file(dir.join("server.url"));
-        std::fs::create_dir_all(dir).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("serve.log"))
-            .unwrap();
-        let child = Command::new(cdi_bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--restart-backoff",
-                "1s",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .env_remove("CDI_HOME")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn cdi serve");
-        let s = Serve {
-            dir: dir.to_path_buf(),
-            child: Some(KillOnDrop(child)),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if s.dir.join("server.url").exists() && s.cdi(&["get", "sc"]).status.success() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cdi serve did not come up: {}",
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        self.child = None;
-    }
-
-    fn cdi(&self, args: &[&str]) -> Output {
-        Command::new(cdi_bin())
-            .args(args)
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .env_remove("CDI_HOME")
-            .env_remove("CDI_TOKEN")
-            .env_remove("CDI_SERVER")
-            .output()
-            .expect("run cdi")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cdi(args);
-        assert!(
-            out.status.success(),
-            "cdi {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn apply(&self, manifest: &str) -> Output {
-        let path = self.dir.join(format!("manifest-{}.yaml", rand_suffix()));
-        std::fs::write(&path, manifest).unwrap();
-        self.cdi(&["apply", "-f", path.to_str().unwrap()])
-    }
-
-    fn get(&self, kind: &str, name: &str) -> Option<Value> {
-        let out = self.cdi(&["get", kind, name, "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    fn wait_dv(
-        &self,
-        name: &str,
-        timeout: Duration,
-        what: &str,
-        f: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(dv) = self.get("dv", name)
-                && f(&dv)
-            {
-                return dv;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what} on dv/{name}: {}\n--- describe ---\n{}\n--- serve log ---\n{}\n--- worker log ---\n{}",
-                    self.get("dv", name)
-                        .map(|d| d.to_string())
-                        .unwrap_or_default(),
-                    String::from_utf8_lossy(&self.cdi(&["describe", "dv", name]).stdout),
-                    self.log(),
-                    std::fs::read_to_string(
-                        self.dir.join("logs").join(format!("default_{name}.log"))
-                    )
-                    .unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) -> Value {
-        self.wait_dv(name, timeout, phase, |dv| dv["status"]["phase"] == phase)
-    }
-
-    /// `disk.img` of the claim bound to `pvc`.
-    fn disk(&self, pvc: &str) -> PathBuf {
-        let pvc = self.get("pvc", pvc).expect("pvc exists");
-        let uid = pvc["metadata"]["uid"].as_str().unwrap();
-        self.dir.join("volumes").join(uid).join("disk.img")
-    }
-}
-
-fn rand_suffix() -> String {
-    format!(
-        "{:x}",
-        Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()) ^ rand_nanos()
-    )
-}
-
-fn rand_nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
 
 struct Env {
     _tmp: tempfile::TempDir,

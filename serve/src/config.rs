@@ -184,6 +184,7 @@ pub fn class_infos(classes: &[Value]) -> Vec<ClassInfo> {
 /// Create the built-in objects on first start (never overwrites an admin's edits). The Block
 /// class is marked unavailable (annotation with the reason) when `block_unavailable` says so.
 pub fn bootstrap(store: &dyn Store, block_unavailable: Option<&str>) -> Result<(), StoreError> {
+    ensure_namespaces(store)?;
     let mut block = match store.get(Kind::StorageClass, "", LOCAL_BLOCK_CLASS)? {
         Some(c) => c,
         None => store.create(
@@ -229,6 +230,34 @@ pub fn bootstrap(store: &dyn Store, block_unavailable: Option<&str>) -> Result<(
             Kind::CdiConfig,
             json!({"metadata": {"name": CONFIG_NAME}, "spec": {}}),
         )?;
+    }
+    Ok(())
+}
+
+/// The namespace every client defaults to.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Create Namespace `default` and a Namespace for every namespace that holds objects but has
+/// none (databases from before Namespaces were objects): the garbage collector deletes the
+/// objects of namespaces that do not exist.
+pub fn ensure_namespaces(store: &dyn Store) -> Result<(), StoreError> {
+    let (objects, _) = store.list_all()?;
+    let mut wanted: std::collections::BTreeSet<String> = objects
+        .iter()
+        .filter(|(k, _)| k.namespaced())
+        .filter_map(|(_, o)| o["metadata"]["namespace"].as_str().map(str::to_string))
+        .collect();
+    wanted.insert(DEFAULT_NAMESPACE.to_string());
+    for ns in wanted {
+        if store.get(Kind::Namespace, "", &ns)?.is_none() {
+            match store.create(
+                Kind::Namespace,
+                json!({"metadata": {"name": ns}, "spec": {}, "status": {"phase": "Active"}}),
+            ) {
+                Ok(_) | Err(StoreError::AlreadyExists) => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
     Ok(())
 }
@@ -301,6 +330,27 @@ mod tests {
         assert_eq!(overhead_text(0.055), "0.055");
         assert_eq!(overhead_text(0.07), "0.07");
         assert_eq!(overhead_text(0.0), "0.0");
+    }
+
+    #[test]
+    fn bootstrap_creates_default_and_missing_namespaces() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.create(
+            Kind::ConfigMap,
+            json!({"metadata": {"name": "c", "namespace": "team"}}),
+        )
+        .unwrap();
+        // As a database from before Namespaces were objects: objects, no Namespace.
+        s.delete(Kind::Namespace, "", "team").unwrap();
+        bootstrap(&s, None).unwrap();
+        let names: Vec<String> = s
+            .list(Kind::Namespace, None)
+            .unwrap()
+            .iter()
+            .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(names, ["default", "team"]);
+        assert!(crate::gc::garbage(&s.list_all().unwrap().0).is_empty());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! workers, listening on HTTPS with a bearer token.
 //!
 //! First start lays out the data directory: `cdi.db` (SQLite, WAL), `pki/ca.crt` + `ca.key`,
-//! `pki/server.crt` + `server.key`, `pki/token.key` (upload-token signing key), `admin.token` (0600), `server.url`, `volumes/<claim uid>/`,
+//! `pki/server.crt` + `server.key`, `pki/token.key` (upload-token signing key), `admin.token` (0600), `server.url`,
+//! `kubeconfig` (0600, rewritten on every start), `volumes/<claim uid>/`,
 //! `run/<dv uid>/` (termination logs, certs for workers) and `logs/`.
 
 use std::net::SocketAddr;
@@ -59,6 +60,47 @@ fn write_atomic(path: &Path, body: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// The SQLite database (objects, Secrets included) inside the data directory.
+pub const DB_FILE: &str = "cdi.db";
+/// Mode of the data directory: it holds credentials, keys and volumes, so only the user
+/// running `cdi serve` may enter it.
+const DATA_DIR_MODE: u32 = 0o700;
+/// Mode of every file holding secrets (the database and its WAL/SHM companions, keys, tokens).
+const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Create (or tighten) the data directory so that nothing in it is readable by other local
+/// users: the directory 0700, the database and its `-wal`/`-shm` files 0600, and a process
+/// umask of 077 so every file created later (logs, certificates, volumes) starts private.
+fn make_private_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DATA_DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    // An existing directory keeps its old mode through create(): tighten it explicitly.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DATA_DIR_MODE))
+        .with_context(|| format!("making {} private", dir.display()))?;
+    // SQLite gives the WAL and SHM files the database file's mode, so the database is created
+    // 0600 before SQLite first opens it; files from older versions are tightened.
+    let db = dir.join(DB_FILE);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(&db)
+        .with_context(|| format!("creating {}", db.display()))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let f = dir.join(format!("{DB_FILE}{suffix}"));
+        if f.exists() {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+                .with_context(|| format!("making {} private", f.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Subject of the CA `cdi serve` creates in its data directory.
 const CA_COMMON_NAME: &str = "cdi-serve-ca";
 
@@ -66,9 +108,9 @@ const CA_COMMON_NAME: &str = "cdi-serve-ca";
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = &opts.data_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    make_private_data_dir(dir)?;
     let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.join("cdi.db")).context("opening the store")?);
+        Arc::new(SqliteStore::open(&dir.join(DB_FILE)).context("opening the store")?);
     let block_unavailable = crate::storage::probe_loop_devices(&dir.join("run")).err();
     if let Some(why) = &block_unavailable {
         tracing::warn!(reason = %why, "storage class local-block is unavailable");
@@ -133,14 +175,23 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     controller.kill_stale_workers();
     tokio::spawn(Arc::clone(&controller).run());
 
+    // Owner references and namespace deletion, as Kubernetes' garbage collector.
+    tokio::spawn(crate::gc::run(Arc::clone(&store)));
+
+    let kubeconfig =
+        crate::kubeconfig::write(dir, &format!("https://{addr}"), ca.cert_pem(), &token)
+            .context("writing the kubeconfig")?;
     let token = Arc::new(token);
     let admin = axum::middleware::from_fn_with_state(Arc::clone(&token), api::require_admin);
-    let resources = api::router(Arc::new(ApiState {
-        store: Arc::clone(&store),
-    }))
-    .merge(cdi_apiserver::router(cdi_apiserver::ApiState {
-        signer: Arc::clone(&signer),
-    }))
+    let resources = api::router(
+        Arc::new(ApiState {
+            store: Arc::clone(&store),
+            log_root: Some(dir.clone()),
+        }),
+        cdi_apiserver::router(cdi_apiserver::ApiState {
+            signer: Arc::clone(&signer),
+        }),
+    )
     .layer(admin);
     // The proxy paths authenticate with upload tokens, not the admin token; it also serves
     // `/healthz`.
@@ -151,13 +202,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }),
         client_tls: Arc::new(client_tls),
     });
-    let app = proxy.merge(resources);
+    let app = proxy.merge(api::health_router()).merge(resources);
 
     write_atomic(&dir.join(SERVER_URL_FILE), &format!("https://{addr}\n"))?;
     tracing::info!(%addr, data_dir = %dir.display(), "cdi serve listening");
     eprintln!(
         "cdi serve: listening on https://{addr} (data dir {})",
         dir.display()
+    );
+    eprintln!(
+        "cdi serve: kubectl and other Kubernetes clients: export KUBECONFIG={}",
+        kubeconfig.display()
     );
 
     let accept = async {
