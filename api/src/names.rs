@@ -99,7 +99,9 @@ mod tests {
 
     #[test]
     fn subdomains() {
-        for ok in ["fedora-dv.1", "a.b.c", &"a".repeat(253)] {
+        let longest = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "a".repeat(61));
+        assert_eq!(longest.len(), MAX_SUBDOMAIN_LEN);
+        for ok in ["fedora-dv.1", "a.b.c", &longest] {
             assert!(is_dns1123_subdomain(ok), "{ok}");
         }
         for bad in [
@@ -109,7 +111,8 @@ mod tests {
             "../../../../x/evil",
             "a/b",
             "Bad_Name",
-            &"a".repeat(254),
+            &"a".repeat(64),
+            &format!("{longest}a"),
         ] {
             assert!(!is_dns1123_subdomain(bad), "{bad}");
         }
@@ -120,7 +123,7 @@ mod tests {
         let m = namespace_problem("../../../../x/evil").unwrap();
         assert!(m.contains("DNS-1123 label"), "{m}");
         assert!(namespace_problem("default").is_none());
-        let long = "a".repeat(64);
+        let long = format!("{}.{}", "a".repeat(32), "a".repeat(31));
         assert!(
             name_problem(&long, MAX_DATAVOLUME_NAME_LEN)
                 .unwrap()
