@@ -14,22 +14,28 @@ pub const MAX_SUBDOMAIN_LEN: usize = 253;
 /// (`importer-<name>`, `cdi-upload-<name>`), so it must stay a short label-sized name.
 pub const MAX_DATAVOLUME_NAME_LEN: usize = 63;
 
-/// Whether `s` is a DNS-1123 label: lowercase alphanumerics and `-`, alphanumeric at both
-/// ends, 1 to 63 characters.
-pub fn is_dns1123_label(s: &str) -> bool {
+/// Lowercase alphanumerics and `-`, alphanumeric at both ends, not empty (no length limit).
+fn is_label_shaped(s: &str) -> bool {
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     let bytes = s.as_bytes();
     !bytes.is_empty()
-        && bytes.len() <= MAX_LABEL_LEN
         && bytes.iter().all(|&b| alnum(b) || b == b'-')
         && bytes.first().copied().is_some_and(alnum)
         && bytes.last().copied().is_some_and(alnum)
 }
 
-/// Whether `s` is a DNS-1123 subdomain: dot-separated DNS-1123 labels, at most 253 characters
-/// in all (so no empty label: `a..b` and `.a` are refused).
+/// Whether `s` is a DNS-1123 label: lowercase alphanumerics and `-`, alphanumeric at both
+/// ends, 1 to 63 characters.
+pub fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= MAX_LABEL_LEN && is_label_shaped(s)
+}
+
+/// Whether `s` is a DNS-1123 subdomain as Kubernetes checks object names: dot-separated parts
+/// shaped like labels, at most 253 characters in all (so no empty part: `a..b` and `.a` are
+/// refused). As in Kubernetes, a single part may exceed 63 characters: controllers derive
+/// names such as `importer-<63-character claim>` that the API server must accept.
 pub fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_SUBDOMAIN_LEN && s.split('.').all(is_dns1123_label)
+    !s.is_empty() && s.len() <= MAX_SUBDOMAIN_LEN && s.split('.').all(is_label_shaped)
 }
 
 /// Why a namespace is refused, or `None` if it is valid.
@@ -101,7 +107,14 @@ mod tests {
     fn subdomains() {
         let longest = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "a".repeat(61));
         assert_eq!(longest.len(), MAX_SUBDOMAIN_LEN);
-        for ok in ["fedora-dv.1", "a.b.c", &longest] {
+        let importer = format!("importer-{}", "d".repeat(63));
+        for ok in [
+            "fedora-dv.1",
+            "a.b.c",
+            &longest,
+            &importer,
+            &"a".repeat(253),
+        ] {
             assert!(is_dns1123_subdomain(ok), "{ok}");
         }
         for bad in [
@@ -111,7 +124,7 @@ mod tests {
             "../../../../x/evil",
             "a/b",
             "Bad_Name",
-            &"a".repeat(64),
+            &"a".repeat(254),
             &format!("{longest}a"),
         ] {
             assert!(!is_dns1123_subdomain(bad), "{bad}");

@@ -28,6 +28,7 @@ pub mod model;
 pub mod names;
 pub mod pki;
 pub mod reconcile;
+pub mod upload;
 pub mod validate;
 
 #[cfg(test)]

@@ -63,7 +63,8 @@ impl UploadPki {
     }
 }
 
-fn tls_secret(ns: &str, name: &str, pair: &CertPair) -> Secret {
+/// A `kubernetes.io/tls` Secret holding `pair`, labelled as CDI's.
+pub fn tls_secret(ns: &str, name: &str, pair: &CertPair) -> Secret {
     let b = |s: &str| ByteString(s.as_bytes().to_vec());
     Secret {
         metadata: ObjectMeta {
@@ -84,7 +85,8 @@ fn tls_secret(ns: &str, name: &str, pair: &CertPair) -> Secret {
     }
 }
 
-fn pair_of(secret: &Secret) -> Option<CertPair> {
+/// The key pair of a `kubernetes.io/tls` Secret, when both halves are present.
+pub fn pair_of(secret: &Secret) -> Option<CertPair> {
     let data = secret.data.as_ref()?;
     let text = |k: &str| {
         data.get(k)

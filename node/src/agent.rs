@@ -113,7 +113,7 @@ pub async fn run_node_agent(
             host_commands: cfg.host_commands.clone(),
         },
         cfg,
-        ips: Mutex::new(IpAllocator::default()),
+        ips: Mutex::new(IpAllocator::starting_at(random_offset())),
         prober: Prober::new()?,
         recovered: Mutex::new(recovered),
     });
@@ -211,7 +211,7 @@ fn sync(
                 .and_then(|s| s.pod_ip.as_deref())
                 .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
         {
-            let _ = shared.ips().allocate(uid, Some(ip));
+            let _ = shared.ips().allocate(uid, Some(ip), |_| true);
         }
     }
     let mut seen = HashSet::new();
@@ -292,6 +292,9 @@ struct PodWorker {
     record: PodRecord,
     written: Option<PodStatus>,
     backoff: RestartBackoff,
+    /// Where the current run's output starts in the pod's log (the log keeps every run's
+    /// output; a fallback termination message comes from this run's only).
+    log_start: u64,
 }
 
 impl PodWorker {
@@ -318,6 +321,7 @@ impl PodWorker {
             api,
             run_dir,
             record: PodRecord::new(&cname, &image, Timestamp::now()),
+            log_start: 0,
             written: None,
             backoff,
         }
@@ -458,7 +462,11 @@ impl PodWorker {
         let (cname, image) = (self.record.name.clone(), self.record.image.clone());
         self.record = PodRecord::resume(&st, &cname, &image);
         let preferred = st.pod_ip.as_deref().and_then(|ip| ip.parse().ok());
-        let allocated = self.shared.ips().allocate(&self.uid, preferred);
+        let ports = pod_ports(&self.pod());
+        let allocated = self
+            .shared
+            .ips()
+            .allocate(&self.uid, preferred, |ip| crate::ip::ports_free(ip, &ports));
         match allocated {
             Ok(ip) => self.record.pod_ip = Some(ip),
             Err(err) => {
@@ -587,7 +595,7 @@ impl PodWorker {
             .and_then(|c| c.termination_message_policy.as_deref())
             == Some("FallbackToLogsOnError");
         status::termination_message(&file, exit_code, fallback, || {
-            read_tail(&self.log_file(), status::FALLBACK_LOG_BYTES)
+            read_tail(&self.log_file(), self.log_start, status::FALLBACK_LOG_BYTES)
         })
     }
 
@@ -598,6 +606,7 @@ impl PodWorker {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
+        self.log_start = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
         let mut running = process::spawn(spec, &self.run_dir, &self.log_file())?;
         tracing::info!(pod = %self.name, pid = running.pid(), "pod container started");
         let now = Timestamp::now();
@@ -948,12 +957,37 @@ fn read_prefix(path: &Path, max: usize) -> Vec<u8> {
     buf
 }
 
-fn read_tail(path: &Path, max: usize) -> Vec<u8> {
+/// The ports a pod's container listens on: its declared ports and the metrics port.
+fn pod_ports(pod: &Pod) -> Vec<u16> {
+    let Ok(c) = spec::the_container(pod) else {
+        return Vec::new();
+    };
+    let mut ports: Vec<u16> = c
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| u16::try_from(p.container_port).ok())
+        .collect();
+    ports.push(spec::metrics_port(c));
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// A start for the address round that differs between agents (time and process id).
+fn random_offset() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    nanos ^ std::process::id().wrapping_mul(2_654_435_761)
+}
+
+fn read_tail(path: &Path, from: u64, max: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
     let mut buf = Vec::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(max as u64)));
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(max as u64).max(from)));
         let _ = f.read_to_end(&mut buf);
     }
     buf
@@ -1025,8 +1059,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let f = tmp.path().join("log");
         std::fs::write(&f, b"0123456789").unwrap();
-        assert_eq!(read_tail(&f, 4), b"6789");
+        assert_eq!(read_tail(&f, 0, 4), b"6789");
+        // Only the current run's output: it started at byte 8.
+        assert_eq!(read_tail(&f, 8, 4), b"89");
         assert_eq!(read_prefix(&f, 4), b"0123");
-        assert!(read_tail(&tmp.path().join("none"), 4).is_empty());
+        assert!(read_tail(&tmp.path().join("none"), 0, 4).is_empty());
     }
 }

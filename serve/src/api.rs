@@ -45,8 +45,8 @@ use crate::patch::{self, PatchError, PatchType};
 use crate::selector::{FieldSelector, LabelSelector, Selectors};
 use crate::store::{AsyncStore, DeleteOptions, Deletion, Kind, Propagation, Store, StoreError};
 use crate::table::{self, IncludeObject};
-use crate::validate::{self, Cause};
 use crate::watch::{self, WatchParams};
+use cdi_controller::validate::{self, Cause};
 
 /// Largest request body accepted (manifests are small; this bounds memory per request).
 pub const MAX_BODY_BYTES: usize = 4 << 20;

@@ -217,7 +217,7 @@ impl Command {
                 Command::Wait(a) => wait(a).await,
             }
         });
-        // Workers of `cdi serve` are killed when their handles drop with the runtime.
+        // `cdi serve` stops its pods before returning; anything else gets a short grace.
         rt.shutdown_timeout(Duration::from_secs(5));
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -5,9 +5,11 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
-use crate::decide::ClassInfo;
 use crate::storage::{
     ANN_CLASS_UNAVAILABLE, LOCAL_BLOCK_CLASS, LOCAL_BLOCK_PROVISIONER, LOCAL_CLASS,
     LOCAL_PROVISIONER,
@@ -100,7 +102,7 @@ pub fn config_status(eff: &Effective, classes: &[ClassInfo]) -> Value {
         .iter()
         .map(|c| (c.name.clone(), json!(overhead_text(eff.overhead(&c.name)))))
         .collect();
-    let scratch = crate::decide::scratch_class(eff.scratch_class.as_deref(), classes, "");
+    let scratch = scratch_class(eff.scratch_class.as_deref(), classes, "");
     let mut st = json!({
         "filesystemOverhead": {"global": overhead_text(eff.global_overhead), "storageClass": per_class},
         "preallocation": eff.preallocation,
@@ -157,6 +159,50 @@ pub fn profile_status(class: &Value, profile_spec: &Value) -> Value {
             .unwrap_or("pvc")
     );
     st
+}
+
+/// A storage class as the class-selection rule sees it.
+#[derive(Debug, Clone)]
+pub struct ClassInfo {
+    /// Class name.
+    pub name: String,
+    /// Carries the Kubernetes default annotation.
+    pub is_default: bool,
+    /// Carries the virtualization default annotation.
+    pub is_virt_default: bool,
+    /// Creation time (seconds), newest default wins.
+    pub created: u64,
+}
+
+/// Pick the storage class: the requested one, else the virt default (kubevirt content only),
+/// else the Kubernetes default; among several defaults the newest, then by name.
+pub fn choose_class(
+    requested: Option<&str>,
+    classes: &[ClassInfo],
+    kubevirt_content: bool,
+) -> Option<String> {
+    if let Some(r) = requested.filter(|r| !r.is_empty()) {
+        return Some(r.to_string());
+    }
+    let newest = |f: &dyn Fn(&ClassInfo) -> bool| {
+        classes
+            .iter()
+            .filter(|c| f(c))
+            .max_by(|a, b| a.created.cmp(&b.created).then_with(|| b.name.cmp(&a.name)))
+            .map(|c| c.name.clone())
+    };
+    if kubevirt_content && let Some(c) = newest(&|c| c.is_virt_default) {
+        return Some(c);
+    }
+    newest(&|c| c.is_default)
+}
+
+/// Scratch class: CDIConfig's if it exists, else the default class, else the target's class.
+pub fn scratch_class(configured: Option<&str>, classes: &[ClassInfo], target: &str) -> String {
+    if let Some(c) = configured.filter(|c| classes.iter().any(|k| k.name == *c)) {
+        return c.to_string();
+    }
+    choose_class(None, classes, false).unwrap_or_else(|| target.to_string())
 }
 
 /// Class facts for the selection rules.
@@ -248,6 +294,7 @@ pub fn ensure_namespaces(store: &dyn Store) -> Result<(), StoreError> {
         .filter_map(|(_, o)| o["metadata"]["namespace"].as_str().map(str::to_string))
         .collect();
     wanted.insert(DEFAULT_NAMESPACE.to_string());
+    wanted.insert(cdi_controller::DEFAULT_NAMESPACE.to_string());
     for ns in wanted {
         if store.get(Kind::Namespace, "", &ns)?.is_none() {
             match store.create(
@@ -311,9 +358,158 @@ pub fn refresh(store: &dyn Store) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A change burst is folded into one status pass after this pause.
+const REFRESH_SETTLE: Duration = Duration::from_millis(50);
+/// Statuses are recomputed at least this often even without changes (a failed pass retries).
+const REFRESH_RESYNC: Duration = Duration::from_secs(30);
+
+fn touches_config(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::StorageClass | Kind::StorageProfile | Kind::CdiConfig
+    )
+}
+
+/// Keep CDIConfig and StorageProfile status current: one [`refresh`] per burst of changes to
+/// classes, profiles or the config, off the async threads.
+pub async fn run(store: Arc<dyn Store>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut rx = store.watch();
+    loop {
+        let s = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || refresh(s.as_ref())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "refreshing CDIConfig and StorageProfile status")
+            }
+            Err(e) => tracing::warn!(error = %e, "status refresh task failed"),
+        }
+        let deadline = tokio::time::Instant::now() + REFRESH_RESYNC;
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => Some(ev),
+                _ = tokio::time::sleep_until(deadline) => None,
+            };
+            match ev {
+                Some(Ok(ev)) if !touches_config(ev.kind) => continue,
+                Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) | None => break,
+                Some(Err(RecvError::Closed)) => return,
+            }
+        }
+        tokio::time::sleep(REFRESH_SETTLE).await;
+        while rx.try_recv().is_ok() {}
+    }
+}
+
+/// Why the upload PKI could not be laid out.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiBootstrapError {
+    /// Reading or writing the Secrets failed.
+    #[error("upload PKI Secrets: {0}")]
+    Store(#[from] StoreError),
+    /// Issuing the proxy's client certificate failed.
+    #[error("upload PKI: {0}")]
+    Pki(#[from] cdi_pki::PkiError),
+    /// A Secret exists without a usable key pair.
+    #[error("Secret {0} has no tls.crt/tls.key")]
+    Unusable(String),
+}
+
+/// What the embedded upload proxy needs: the CA upload servers' certificates chain to, and
+/// its own client key pair.
+#[derive(Debug, Clone)]
+pub struct ProxyCredentials {
+    /// PEM of the server signer CA.
+    pub server_ca_pem: String,
+    /// The proxy's client certificate and key.
+    pub client: cdi_pki::CertPair,
+}
+
+/// Lay out the upload PKI the controller reads (see [`cdi_controller::pki`]) in the CDI
+/// namespace, signed by `ca`, unless Secrets of those names are already there (an earlier
+/// start, or an admin's); return what the proxy needs from whatever is stored.
+pub fn bootstrap_upload_pki(
+    store: &dyn Store,
+    ca: &cdi_pki::Ca,
+) -> Result<ProxyCredentials, PkiBootstrapError> {
+    use cdi_controller::pki;
+    let ns = cdi_controller::DEFAULT_NAMESPACE;
+    let ca_pair = cdi_pki::CertPair {
+        cert_pem: ca.cert_pem().to_string(),
+        key_pem: ca.key_pem(),
+    };
+    let client = ca.issue_client(cdi_controller::names::UPLOAD_CLIENT_NAME)?;
+    let mut stored = Vec::new();
+    for (name, pair) in [
+        (pki::SERVER_SIGNER_SECRET, &ca_pair),
+        (pki::CLIENT_SIGNER_SECRET, &ca_pair),
+        (pki::CLIENT_CERT_SECRET, &client),
+    ] {
+        let existing = match store.get(Kind::Secret, ns, name)? {
+            Some(s) => s,
+            None => {
+                let secret = serde_json::to_value(pki::tls_secret(ns, name, pair))
+                    .map_err(StoreError::from)?;
+                match store.create(Kind::Secret, secret) {
+                    Ok(s) => s,
+                    Err(StoreError::AlreadyExists) => store
+                        .get(Kind::Secret, ns, name)?
+                        .ok_or(StoreError::NotFound)?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let unusable = || PkiBootstrapError::Unusable(format!("{ns}/{name}"));
+        let secret: k8s_openapi::api::core::v1::Secret =
+            serde_json::from_value(existing).map_err(|_| unusable())?;
+        stored.push(pki::pair_of(&secret).ok_or_else(unusable)?);
+    }
+    let client = stored.pop().ok_or(StoreError::NotFound)?;
+    let server_ca_pem = stored.swap_remove(0).cert_pem;
+    Ok(ProxyCredentials {
+        server_ca_pem,
+        client,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_choice_prefers_request_then_virt_then_newest_default() {
+        let classes = vec![
+            ClassInfo {
+                name: "local".into(),
+                is_default: true,
+                is_virt_default: false,
+                created: 1,
+            },
+            ClassInfo {
+                name: "fast".into(),
+                is_default: true,
+                is_virt_default: false,
+                created: 5,
+            },
+            ClassInfo {
+                name: "virt".into(),
+                is_default: false,
+                is_virt_default: true,
+                created: 0,
+            },
+        ];
+        assert_eq!(
+            choose_class(Some("x"), &classes, true).as_deref(),
+            Some("x")
+        );
+        assert_eq!(choose_class(None, &classes, true).as_deref(), Some("virt"));
+        assert_eq!(choose_class(None, &classes, false).as_deref(), Some("fast"));
+        assert_eq!(choose_class(None, &[], false), None);
+        assert_eq!(scratch_class(Some("nope"), &classes, "t"), "fast");
+        assert_eq!(scratch_class(Some("local"), &classes, "t"), "local");
+        assert_eq!(scratch_class(None, &[], "t"), "t");
+    }
+
     use crate::store::SqliteStore;
 
     #[test]

@@ -198,6 +198,19 @@ pub fn describe(obj: &Value, events: &[Value]) -> String {
     out
 }
 
+/// When an event was last seen: `lastTimestamp` (core/v1 writers), else the series' last
+/// observation or `eventTime` (events.k8s.io/v1 writers such as kube-rs' recorder), as
+/// `kubectl describe` reads them.
+fn last_seen(e: &Value) -> Option<u64> {
+    [
+        &e["lastTimestamp"],
+        &e["series"]["lastObservedTime"],
+        &e["eventTime"],
+    ]
+    .into_iter()
+    .find_map(|v| v.as_str().and_then(parse_rfc3339))
+}
+
 /// The `Events:` section.
 pub fn events_table(events: &[Value], now: u64) -> String {
     if events.is_empty() {
@@ -206,28 +219,24 @@ pub fn events_table(events: &[Value], now: u64) -> String {
     let mut evs: Vec<&Value> = events.iter().collect();
     // The resource version orders updates exactly (timestamps have one-second resolution).
     evs.sort_by_key(|e| {
-        let t = e["lastTimestamp"]
-            .as_str()
-            .and_then(parse_rfc3339)
-            .unwrap_or(0);
         let rv = e["metadata"]["resourceVersion"]
             .as_str()
             .and_then(|r| r.parse::<u64>().ok())
             .unwrap_or(0);
-        (t, rv)
+        (last_seen(e).unwrap_or(0), rv)
     });
     let rows: Vec<[String; 5]> = evs
         .iter()
         .map(|e| {
-            let last = e["lastTimestamp"]
-                .as_str()
-                .and_then(parse_rfc3339)
-                .unwrap_or(now);
-            let first = e["firstTimestamp"]
-                .as_str()
-                .and_then(parse_rfc3339)
+            let last = last_seen(e).unwrap_or(now);
+            let first = ["firstTimestamp", "eventTime"]
+                .iter()
+                .find_map(|f| e[*f].as_str().and_then(parse_rfc3339))
                 .unwrap_or(last);
-            let count = e["count"].as_u64().unwrap_or(1);
+            let count = e["count"]
+                .as_u64()
+                .or_else(|| e["series"]["count"].as_u64())
+                .unwrap_or(1);
             let age_text = if count > 1 {
                 format!("{} (x{count} over {})", age(last, now), age(first, now))
             } else {
@@ -239,6 +248,7 @@ pub fn events_table(events: &[Value], now: u64) -> String {
                 age_text,
                 e["source"]["component"]
                     .as_str()
+                    .or_else(|| e["reportingComponent"].as_str())
                     .unwrap_or_default()
                     .to_string(),
                 e["message"].as_str().unwrap_or_default().to_string(),
@@ -322,6 +332,19 @@ mod tests {
             text.contains(
                 "  Warning  Error   12s (x2 over 14s)  datavolume-controller  Unable to connect"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn events_from_the_events_api_show_series_and_reporter() {
+        // What kube-rs' recorder writes through events.k8s.io/v1, as the core view lists it.
+        let ev = json!({"type": "Warning", "reason": "Error", "reportingComponent": "cdi-controller",
+            "message": "Unable to connect", "eventTime": crate::util::rfc3339(1000 - 30),
+            "series": {"count": 3, "lastObservedTime": crate::util::rfc3339(1000 - 5)}});
+        let text = events_table(&[ev], 1000);
+        assert!(
+            text.contains("  Warning  Error   5s (x3 over 30s)  cdi-controller  Unable to connect"),
             "{text}"
         );
     }

@@ -71,10 +71,24 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 }
 
 /// RFC 6902 on `target` (unchanged when any operation fails).
+///
+/// As in the Kubernetes API server, `test` for `null` succeeds on a path that does not exist:
+/// clients (kube-runtime's finalizer helper among them) write "test /metadata/finalizers is
+/// null, then add it" to create a list only when nobody else did.
 pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), PatchError> {
     let ops: json_patch::Patch =
         serde_json::from_value(patch.clone()).map_err(|e| PatchError::Parse(e.to_string()))?;
-    json_patch::patch(target, &ops)?;
+    let mut work = target.clone();
+    for op in ops.0 {
+        if let json_patch::PatchOperation::Test(t) = &op
+            && t.value.is_null()
+            && work.pointer(t.path.as_str()).is_none()
+        {
+            continue;
+        }
+        json_patch::patch(&mut work, &[op])?;
+    }
+    *target = work;
     Ok(())
 }
 
@@ -342,6 +356,16 @@ mod tests {
         assert!(err.is_err());
         assert_eq!(t, before);
         assert!(json_patch(&mut t, &json!({"op": "add"})).is_err());
+        // kube-runtime's finalizer helper: test-null-then-add on a missing list.
+        let add = json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                         {"op": "add", "path": "/metadata/finalizers", "value": ["f"]}]);
+        let mut o = json!({"metadata": {"name": "x"}});
+        json_patch(&mut o, &add).unwrap();
+        assert_eq!(o["metadata"]["finalizers"], json!(["f"]));
+        // ... and it fails once the list exists, leaving the object alone.
+        let before = o.clone();
+        assert!(json_patch(&mut o, &add).is_err());
+        assert_eq!(o, before);
     }
 
     #[test]

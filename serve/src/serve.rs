@@ -1,10 +1,12 @@
-//! `cdi serve`: one process holding the store, the resource API, the controller and its
-//! workers, listening on HTTPS with a bearer token.
+//! `cdi serve`: one process holding the store and its Kubernetes API (HTTPS, bearer token),
+//! and — as clients of that API through `kube::Client`, exactly as on a cluster — the
+//! DataVolume controller ([`cdi_controller`]), the node agent and the local provisioner
+//! ([`cdi_node`]).
 //!
 //! First start lays out the data directory: `cdi.db` (SQLite, WAL), `pki/ca.crt` + `ca.key`,
-//! `pki/server.crt` + `server.key`, `pki/token.key` (upload-token signing key), `admin.token` (0600), `server.url`,
-//! `kubeconfig` (0600, rewritten on every start), `volumes/<claim uid>/`,
-//! `run/<dv uid>/` (termination logs, certs for workers) and `logs/`.
+//! `pki/server.crt` + `server.key`, `pki/token.key` (upload-token signing key), `admin.token`
+//! (0600), `server.url`, `kubeconfig` (0600, rewritten on every start), `volumes/<claim uid>/`
+//! and `run/pods/<pod uid>/` (logs, termination messages, Secret volumes of pods).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,13 +17,8 @@ use anyhow::Context;
 use cdi_api::client::{ADMIN_TOKEN_FILE, SERVER_URL_FILE};
 
 use crate::api::{self, ApiState};
-use crate::reconcile::{
-    Controller, ControllerConfig, UPLOAD_CLIENT_NAME, UploadTls, write_private,
-};
-use crate::storage::LocalProvisioner;
 use crate::store::{SqliteStore, Store};
-use crate::upload;
-use crate::worker::ProcessRunner;
+use crate::util::write_private;
 
 /// Token signing key (RSA, PKCS#8; its public half is written beside it).
 pub const TOKEN_KEY_FILE: &str = "pki/token.key";
@@ -38,6 +35,11 @@ pub struct ServeOptions {
     /// Worker restart back-off base.
     pub backoff_base: Duration,
 }
+
+/// How long the node agent gets to stop its pods after SIGTERM: their own grace (capped by
+/// the agent) plus a little; the agent logs what did not stop in time.
+const SHUTDOWN_GRACE: Duration =
+    Duration::from_secs(cdi_node::process::MAX_TERMINATION_GRACE.as_secs() + 10);
 
 fn load_or_create_token(path: &Path) -> anyhow::Result<String> {
     if let Ok(t) = std::fs::read_to_string(path) {
@@ -111,7 +113,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     make_private_data_dir(dir)?;
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&dir.join(DB_FILE)).context("opening the store")?);
-    let block_unavailable = crate::storage::probe_loop_devices(&dir.join("run")).err();
+    let block_unavailable = crate::storage::probe_loop_devices(&dir.join("run"))
+        .err()
+        .map(|e| e.to_string());
     if let Some(why) = &block_unavailable {
         tracing::warn!(reason = %why, "storage class local-block is unavailable");
     }
@@ -139,48 +143,30 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .context("building the server's TLS configuration")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg));
 
-    let issuer = Arc::clone(&ca);
-    let upload = UploadTls {
-        issue_server: Arc::new(move || {
-            issuer
-                .issue_server(&["localhost"], &[std::net::IpAddr::from([127, 0, 0, 1])])
-                .map(|i| (i.cert_pem, i.key_pem))
-                .map_err(|e| format!("issuing an upload server certificate: {e}"))
-        }),
-        client_ca_pem: ca.cert_pem().to_string(),
-    };
-    // The proxy's client certificate (CN checked by the upload server).
-    let proxy_client = ca
-        .issue_client(UPLOAD_CLIENT_NAME)
-        .context("issuing the upload client certificate")?;
-    let client_tls =
-        cdi_pki::client_config(cdi_pki::ServerTrust::Ca(ca.cert_pem()), Some(&proxy_client))
-            .context("building the proxy's TLS client")?;
+    // The upload PKI the controller reads from the CDI namespace is this data directory's CA,
+    // so the embedded proxy can trust upload servers and present a client certificate they
+    // accept from the first request on.
+    let upload_creds = crate::config::bootstrap_upload_pki(store.as_ref(), &ca)
+        .context("creating the upload PKI")?;
+    let client_tls = cdi_pki::client_config(
+        cdi_pki::ServerTrust::Ca(&upload_creds.server_ca_pem),
+        Some(&upload_creds.client),
+    )
+    .context("building the proxy's TLS client")?;
     let signer = Arc::new(
         cdi_token::TokenSigner::load_or_generate(&dir.join(TOKEN_KEY_FILE))
             .context("loading the token signing key")?,
     );
 
-    let exe = std::env::current_exe().context("locating the cdi executable")?;
-    let controller = Controller::new(
-        Arc::clone(&store),
-        Arc::new(LocalProvisioner::new(&dir.join("volumes"))?),
-        Arc::new(ProcessRunner::new(exe)),
-        ControllerConfig {
-            data_dir: dir.clone(),
-            backoff_base: opts.backoff_base,
-            upload: Some(upload),
-        },
-    );
-    controller.kill_stale_workers();
-    tokio::spawn(Arc::clone(&controller).run());
-
     // Owner references and namespace deletion, as Kubernetes' garbage collector.
     tokio::spawn(crate::gc::run(Arc::clone(&store)));
+    // CDIConfig and StorageProfile status, as upstream's config and storage-profile controllers.
+    tokio::spawn(crate::config::run(Arc::clone(&store)));
 
     let kubeconfig =
         crate::kubeconfig::write(dir, &format!("https://{addr}"), ca.cert_pem(), &token)
             .context("writing the kubeconfig")?;
+    let kube = kube_client(&kubeconfig).await?;
     let token = Arc::new(token);
     let admin = axum::middleware::from_fn_with_state(Arc::clone(&token), api::require_admin);
     let resources = api::router(
@@ -197,8 +183,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // `/healthz`.
     let proxy = cdi_uploadproxy::router(cdi_uploadproxy::ProxyState {
         verifier: signer.verifier(),
-        resolver: Arc::new(upload::StoreResolver {
-            store: Arc::clone(&store),
+        resolver: Arc::new(cdi_controller::upload::KubeResolver {
+            client: kube.clone(),
         }),
         client_tls: Arc::new(client_tls),
     });
@@ -215,7 +201,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         kubeconfig.display()
     );
 
-    let accept = async {
+    let accept = async move {
         loop {
             let (tcp, _) = match listener.accept().await {
                 Ok(c) => c,
@@ -240,11 +226,61 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             });
         }
     };
+    tokio::spawn(accept);
+
+    // The same controller `cdi controller` runs on a cluster, and the node this host provides.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let controller = tokio::spawn(cdi_controller::run(
+        kube.clone(),
+        cdi_controller::ControllerConfig {
+            shutdown: shutdown.clone(),
+            ..Default::default()
+        },
+    ));
+    let mut node = cdi_node::NodeConfig::new(dir.clone(), dir.join("run"))
+        .context("configuring the node agent")?;
+    node.restart_backoff_base = opts.backoff_base;
+    let agent = tokio::spawn(cdi_node::run_node_agent(
+        kube.clone(),
+        node.clone(),
+        shutdown.clone(),
+    ));
+    let provisioner = tokio::spawn(cdi_node::run_provisioner(kube, node, shutdown.clone()));
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut failed = None;
     tokio::select! {
-        _ = accept => {}
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        r = controller => failed = Some(format!("the DataVolume controller stopped: {}", outcome(r))),
     }
-    Ok(())
+    shutdown.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = agent.await;
+        let _ = provisioner.await;
+    })
+    .await;
+    match failed {
+        Some(why) => anyhow::bail!(why),
+        None => Ok(()),
+    }
+}
+
+fn outcome<E: std::fmt::Display>(r: Result<Result<(), E>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Ok(())) => "its watches ended".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A client of our own API through the kubeconfig just written: the controller and the node
+/// use nothing else, as they would on a cluster.
+async fn kube_client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .with_context(|| format!("loading {}", kubeconfig.display()))?;
+    kube::Client::try_from(cfg).context("building the API client")
 }

@@ -121,6 +121,20 @@ pub fn age(since_secs: u64, now: u64) -> String {
     }
 }
 
+/// Write a file readable only by us (keys, tokens).
+pub fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(body)?;
+    f.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -547,3 +547,58 @@ fn watch_from_too_old_resource_version_expires() {
     let out = ok(&env.s, &["get", "cm", "before", "after", "-o", "name"]);
     assert_eq!(out, "configmap/before\nconfigmap/after\n");
 }
+
+/// The objects the controller creates are plain Kubernetes objects: a blank DataVolume asking to
+/// keep its importer pod leaves `importer-<name>` `Succeeded`, visible with `get pods`,
+/// `get pods,pvc,events` and `logs`, and its claim is bound to a PersistentVolume.
+#[test]
+fn kubectl_shows_the_retained_importer_pod() {
+    let Some(env) = setup() else { return };
+    let s = &env.s;
+    let dv = manifest(
+        s,
+        "kept",
+        "apiVersion: cdi.kubevirt.io/v1beta1\nkind: DataVolume\nmetadata:\n  name: kept\n  annotations:\n    cdi.kubevirt.io/storage.pod.retainAfterCompletion: \"true\"\nspec:\n  source:\n    blank: {}\n  storage:\n    resources:\n      requests:\n        storage: 16Mi\n",
+    );
+    ok(s, &["apply", "-f", dv.to_str().unwrap()]);
+    let out = ok(
+        s,
+        &["wait", "--for=condition=Ready", "dv/kept", "--timeout=90s"],
+    );
+    assert!(out.contains("condition met"), "{out}");
+    let phase = ok(
+        s,
+        &[
+            "get",
+            "pod",
+            "importer-kept",
+            "-o",
+            "jsonpath={.status.phase}",
+        ],
+    );
+    assert_eq!(phase, "Succeeded");
+    let pods = ok(s, &["get", "pods"]);
+    assert!(
+        table_rows(&pods)
+            .iter()
+            .any(|r| r.first().map(String::as_str) == Some("importer-kept")),
+        "{pods}"
+    );
+    let all = ok(s, &["get", "pods,pvc,events"]);
+    assert!(
+        all.contains("pod/importer-kept") && all.contains("persistentvolumeclaim/kept"),
+        "{all}"
+    );
+    let pv = ok(
+        s,
+        &["get", "pvc", "kept", "-o", "jsonpath={.spec.volumeName}"],
+    );
+    assert!(!pv.is_empty(), "the claim is bound");
+    let bound = ok(
+        s,
+        &["get", "pv", &pv, "-o", "jsonpath={.spec.claimRef.name}"],
+    );
+    assert_eq!(bound, "kept");
+    let logs = kubectl(s, &["logs", "importer-kept"]);
+    assert!(logs.status.success(), "{logs:?}");
+}

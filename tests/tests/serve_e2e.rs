@@ -207,12 +207,18 @@ fn serve_describe_reads_like_oc_describe() {
         "    Reason:                Completed\n",
         "  Phase:",
         "Events:\n",
-        "  Type    Reason",
-        "datavolume-controller  PVC example-dv Bound",
-        "datavolume-controller  Successfully imported into PVC example-dv",
+        "cdi-controller  PVC example-dv Bound",
+        "cdi-controller  Successfully imported into PVC example-dv",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
+    let header = text
+        .lines()
+        .skip_while(|l| *l != "Events:")
+        .nth(1)
+        .unwrap_or_default();
+    let cols: Vec<&str> = header.split_whitespace().collect();
+    assert_eq!(cols, ["Type", "Reason", "Age", "From", "Message"], "{text}");
 }
 
 /// A 404 URL: the event carries the worker's message, Running=False with reason Error, and
@@ -230,11 +236,15 @@ fn serve_http_404_retries_with_growing_restart_count() {
         .status
         .success()
     );
+    // Between attempts the pod runs again (Running=True) for a moment: wait for a failed one.
     let dv = s.wait_dv(
         "missing",
         Duration::from_secs(60),
-        "restartCount >= 2",
-        |dv| dv["status"]["restartCount"].as_u64().unwrap_or(0) >= 2,
+        "restartCount >= 2 with Running=False",
+        |dv| {
+            dv["status"]["restartCount"].as_u64().unwrap_or(0) >= 2
+                && condition(dv, "Running")["status"] == "False"
+        },
     );
     let running = condition(&dv, "Running");
     assert_eq!(running["status"], "False");
@@ -355,9 +365,19 @@ fn serve_delete_mid_import_frees_space() {
     let disk = s.disk("doomed");
     let claim_dir = disk.parent().unwrap().to_path_buf();
     assert!(claim_dir.exists());
-    let pid: Option<u32> = s.get("pvc", "doomed").unwrap()["metadata"]["annotations"]["cdi.kubevirt.io/storage.pod.pid"]
-        .as_str()
-        .and_then(|p| p.parse().ok());
+    // The node agent records each pod's process in its run directory.
+    let pod = s
+        .get("pod", "importer-doomed")
+        .expect("importer pod exists");
+    let pod_uid = pod["metadata"]["uid"].as_str().unwrap();
+    let record = std::fs::read_to_string(s.dir.join("run/pods").join(pod_uid).join("pid"))
+        .expect("the importer's pid record");
+    let pid: u32 = record.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.contains("importer")),
+        "pid {pid} is not the importer"
+    );
     let out = s.ok(&["delete", "dv", "doomed"]);
     assert!(out.contains("deleted"), "{out}");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -365,11 +385,9 @@ fn serve_delete_mid_import_frees_space() {
         assert!(Instant::now() < deadline, "claim not freed: {}", s.log());
         std::thread::sleep(Duration::from_millis(200));
     }
-    if let Some(pid) = pid {
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| c.contains("importer"));
-        assert!(!alive, "importer {pid} still running after delete");
-    }
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.contains("importer"));
+    assert!(!alive, "importer {pid} still running after delete");
     assert!(s.get("dv", "doomed").is_none());
 }
 
@@ -668,9 +686,16 @@ fn serve_block_class_imports_and_detaches() {
         "no loop device for {}: {dev:?}",
         backing.display()
     );
+    // The PersistentVolume names the device (through the claim's stable link to it).
+    let pv_name = pvc["spec"]["volumeName"].as_str().expect("claim is bound");
+    let pv = s.get("pv", pv_name).expect("the claim's PersistentVolume");
+    let link = pv["spec"]["local"]["path"]
+        .as_str()
+        .expect("a local volume");
     assert_eq!(
-        pvc["metadata"]["annotations"]["cdi.kubevirt.io/storage.local.device"],
-        dev.as_str()
+        std::fs::canonicalize(link).unwrap(),
+        Path::new(&dev),
+        "{pv}"
     );
     // The device holds the image; beyond it, the (fresh) device reads as zeros.
     qemu::assert_same_image(Path::new(&dev), &env.fx.qcow2);
@@ -723,10 +748,18 @@ fn serve_lazy_scratch_for_vhd() {
         s.get("pvc", "vhd-scratch").is_none(),
         "scratch claim deleted afterwards"
     );
-    let claims: Vec<_> = std::fs::read_dir(s.dir.join("volumes")).unwrap().collect();
-    assert_eq!(claims.len(), 1, "only the target's storage remains");
-    let pvc = s.get("pvc", "vhd").unwrap();
-    assert!(
-        pvc["metadata"]["annotations"]["cdi.kubevirt.io/storage.import.requiresScratch"].is_null()
-    );
+    // The provisioner frees the scratch claim's storage once its volume is released.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let claims = std::fs::read_dir(s.dir.join("volumes")).unwrap().count();
+        if claims == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{claims} claims' storage remains, want only the target's: {}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

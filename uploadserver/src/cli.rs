@@ -82,6 +82,10 @@ pub struct Args {
     /// Seconds an interrupted upload may be resumed (tests shorten it).
     #[arg(long, env = "CDI_UPLOAD_RESUME_WINDOW_SECS", hide = true)]
     resume_window_secs: Option<u64>,
+    /// Upstream's `-v=N` log verbosity, which pod specs pass: accepted; the log level comes
+    /// from `RUST_LOG`.
+    #[arg(short = 'v', hide = true)]
+    verbosity: Option<u8>,
     /// Milliseconds the server keeps answering 409 after success before it exits (tests
     /// lengthen it on busy machines; a supervisor that reads the termination log may set 0).
     #[arg(long, env = "CDI_UPLOAD_COMPLETED_GRACE_MS", hide = true)]
@@ -282,5 +286,25 @@ mod tests {
     #[test]
     fn bad_deadline_is_an_error() {
         assert!(parse_deadline("tomorrow").is_err());
+    }
+
+    #[test]
+    fn upstream_pod_args_parse() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: Command,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "cdi",
+            "uploadserver",
+            "-v=1",
+            "--tls-cert-file=c",
+            "--tls-key-file=k",
+            "--client-cert-file=ca",
+        ])
+        .unwrap();
+        let Command::Uploadserver(args) = cli.cmd;
+        assert_eq!(args.verbosity, Some(1));
     }
 }
