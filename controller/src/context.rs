@@ -203,6 +203,11 @@ pub fn annotation_patch(
 }
 
 /// Bring a claim's annotations to `new` with one merge patch; returns the patched claim.
+///
+/// The patch carries the claim's `resourceVersion`: it is a diff against the copy the
+/// reconciler saw, so if the claim changed since (a cache behind our own last write), the API
+/// server answers 409 and the reconcile runs again on a fresh copy instead of leaving a mix of
+/// old and new annotations.
 pub async fn patch_annotations(
     api: &Api<PersistentVolumeClaim>,
     pvc: &PersistentVolumeClaim,
@@ -210,9 +215,14 @@ pub async fn patch_annotations(
 ) -> Result<PersistentVolumeClaim, Error> {
     let old = pvc.metadata.annotations.clone().unwrap_or_default();
     match annotation_patch(&old, new) {
-        Some(p) => Ok(api
-            .patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(&p))
-            .await?),
+        Some(mut p) => {
+            if let Some(rv) = pvc.resource_version() {
+                p["metadata"]["resourceVersion"] = json!(rv);
+            }
+            Ok(api
+                .patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(&p))
+                .await?)
+        }
         None => Ok(pvc.clone()),
     }
 }

@@ -312,6 +312,12 @@ impl FakeApi {
                 else {
                     return status(404, "NotFound", &format!("{} {name} not found", t.resource));
                 };
+                // A resourceVersion in the body pins the version the change was made against.
+                let pinned = input["metadata"]["resourceVersion"].as_str();
+                if pinned.is_some_and(|rv| Some(rv) != cur["metadata"]["resourceVersion"].as_str())
+                {
+                    return status(409, "Conflict", "the object has been modified");
+                }
                 let mut obj = cur;
                 if *method == Method::PUT {
                     obj = input;

@@ -8,11 +8,14 @@
 //!       └──── claim annotations ◄──(claim reconciler)──► importer-<pvc> pod   (owner: claim)
 //!             pod.phase, restarts,                       cdi-upload-<pvc> pod, Secret, Service
 //!             condition.running*                         <pvc>-scratch claim (owner: pod)
+//!
+//!   StorageClass ──(storage reconcilers)──► StorageProfile + status   (owner: class)
+//!                                           CDIConfig status (overhead per class, scratch class)
 //! ```
 //!
 //! - [`decide`], [`validate`] and [`builders`] are pure and unit-tested: what to do, whether a
 //!   DataVolume is admissible, and every object the controller creates.
-//! - [`reconcile`] holds the two reconcilers; [`run`] wires them into kube-runtime
+//! - [`reconcile`] holds the reconcilers; [`run`] wires them into kube-runtime
 //!   `Controller`s with graceful shutdown.
 //! - Nothing here knows whether it talks to a cluster or to `cdi serve`: pods are reached
 //!   through `status.podIP`, storage through claims.
@@ -37,11 +40,13 @@ mod fixtures;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cdi_resources::DataVolume;
+use cdi_resources::{CDIConfig, DataVolume, StorageProfile};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource};
 use tokio_util::sync::CancellationToken;
@@ -152,14 +157,54 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<(), Error> 
     )
     .owns(Api::<Pod>::all(client.clone()), worker_objects.clone())
     .owns(Api::<Service>::all(client.clone()), worker_objects)
-    .graceful_shutdown_on(shutdown_trigger(shutdown))
-    .run(reconcile::claim::reconcile, error_policy, ctx)
+    .graceful_shutdown_on(shutdown_trigger(shutdown.clone()))
+    .run(reconcile::claim::reconcile, error_policy, ctx.clone())
     .for_each(|res| async move {
         if let Err(err) = res {
             tracing::debug!(error = %err, "claim controller");
         }
     });
 
-    tokio::join!(dv_controller, claim_controller);
+    let profile_controller = Controller::new(
+        Api::<StorageClass>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<StorageProfile>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .graceful_shutdown_on(shutdown_trigger(shutdown.clone()))
+    .run(
+        reconcile::storage::reconcile_class,
+        error_policy,
+        ctx.clone(),
+    )
+    .for_each(|res| async move {
+        if let Err(err) = res {
+            tracing::debug!(error = %err, "storage profile controller");
+        }
+    });
+    let config_controller = Controller::new(
+        Api::<CDIConfig>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<StorageClass>::all(client.clone()),
+        watcher::Config::default(),
+        |_| Some(ObjectRef::new(context::CONFIG_NAME)),
+    )
+    .graceful_shutdown_on(shutdown_trigger(shutdown))
+    .run(reconcile::storage::reconcile_config, error_policy, ctx)
+    .for_each(|res| async move {
+        if let Err(err) = res {
+            tracing::debug!(error = %err, "config controller");
+        }
+    });
+    tokio::join!(
+        dv_controller,
+        claim_controller,
+        profile_controller,
+        config_controller
+    );
     Ok(())
 }

@@ -65,6 +65,8 @@ pub mod ann {
     pub const POD_SIDECAR_LINKERD: &str = "linkerd.io/inject";
     /// OVN: ports open on the default network (upload pods).
     pub const OPEN_DEFAULT_PORTS: &str = "k8s.ovn.org/open-default-ports";
+    /// On a StorageClass: why it cannot provision here.
+    pub use cdi_resources::annotations::ANN_CLASS_UNAVAILABLE as CLASS_UNAVAILABLE;
     pub use cdi_resources::annotations::ANN_CLONE_REQUEST as CLONE_REQUEST;
     pub use cdi_resources::annotations::ANN_DEFAULT_STORAGE_CLASS as DEFAULT_STORAGE_CLASS;
     pub use cdi_resources::annotations::ANN_DEFAULT_VIRT_STORAGE_CLASS as DEFAULT_VIRT_STORAGE_CLASS;

@@ -191,6 +191,9 @@ pub const ANN_DEFAULT_STORAGE_CLASS: &str = "storageclass.kubernetes.io/is-defau
 /// `"true"` on the default StorageClass for virtual-machine disks (preferred over the cluster
 /// default for `kubevirt` content).
 pub const ANN_DEFAULT_VIRT_STORAGE_CLASS: &str = "storageclass.kubevirt.io/is-default-virt-class";
+/// On a StorageClass: why its provisioner cannot provision on this host (`cdi serve` sets it on
+/// `local-block` without loop devices); the class's StorageProfile then offers nothing.
+pub const ANN_CLASS_UNAVAILABLE: &str = "cdi.kubevirt.io/storage.class.unavailable";
 
 // --- DataImportCron ---
 

@@ -36,7 +36,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use cdi_api::names;
-use cdi_api::resources::DataVolume;
+use cdi_resources::DataVolume;
 use serde_json::{Value, json};
 
 use crate::convert;

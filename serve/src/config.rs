@@ -1,14 +1,9 @@
-//! Cluster-level configuration objects: CDIConfig, StorageClasses and StorageProfiles.
-//!
-//! The effective values (what `status` reports and what the DataVolume controller uses) are
-//! computed here from the stored specs, as upstream's config and storage-profile controllers do.
+//! What `cdi serve` lays out on first start, as a cluster's installer would: the built-in
+//! StorageClasses (`local`, `local-block`), the CDIConfig singleton, the `default` and `cdi`
+//! Namespaces, and the upload PKI Secrets. Their statuses (StorageProfiles, CDIConfig) are
+//! the controller's ([`cdi_controller::reconcile::storage`]).
 
-use std::collections::BTreeMap;
-
-use std::sync::Arc;
-use std::time::Duration;
-
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::storage::{
     ANN_CLASS_UNAVAILABLE, LOCAL_BLOCK_CLASS, LOCAL_BLOCK_PROVISIONER, LOCAL_CLASS,
@@ -18,214 +13,6 @@ use crate::store::{Kind, Store, StoreError};
 
 /// Name of the CDIConfig singleton.
 pub const CONFIG_NAME: &str = "config";
-
-/// Effective configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Effective {
-    /// Global filesystem overhead.
-    pub global_overhead: f64,
-    /// Per-class overrides.
-    pub class_overhead: BTreeMap<String, f64>,
-    /// `spec.scratchSpaceStorageClass`.
-    pub scratch_class: Option<String>,
-    /// `spec.preallocation` (default for DVs that do not say).
-    pub preallocation: bool,
-    /// `spec.importProxy`.
-    pub import_proxy: Value,
-    /// `spec.insecureRegistries`.
-    pub insecure_registries: Vec<String>,
-}
-
-impl Effective {
-    /// Overhead applying to `class`.
-    pub fn overhead(&self, class: &str) -> f64 {
-        self.class_overhead
-            .get(class)
-            .copied()
-            .unwrap_or(self.global_overhead)
-    }
-}
-
-fn default_overhead() -> f64 {
-    cdi_api::overhead::parse_overhead(cdi_api::overhead::DEFAULT_OVERHEAD).unwrap_or(0.055)
-}
-
-/// Effective configuration from a CDIConfig object (or defaults when absent). Invalid overhead
-/// strings fall back to the default, as upstream's config controller does.
-pub fn effective(cfg: Option<&Value>) -> Effective {
-    let spec = cfg.map(|c| &c["spec"]).cloned().unwrap_or(Value::Null);
-    let parse = |v: &Value| v.as_str().and_then(cdi_api::overhead::parse_overhead);
-    let global_overhead =
-        parse(&spec["filesystemOverhead"]["global"]).unwrap_or_else(default_overhead);
-    let mut class_overhead = BTreeMap::new();
-    if let Some(m) = spec["filesystemOverhead"]["storageClass"].as_object() {
-        for (k, v) in m {
-            if let Some(o) = parse(v) {
-                class_overhead.insert(k.clone(), o);
-            }
-        }
-    }
-    Effective {
-        global_overhead,
-        class_overhead,
-        scratch_class: spec["scratchSpaceStorageClass"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
-        preallocation: spec["preallocation"].as_bool().unwrap_or(false),
-        import_proxy: spec["importProxy"].clone(),
-        insecure_registries: spec["insecureRegistries"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
-}
-
-/// Render an overhead fraction the way CDIConfig status shows it.
-pub fn overhead_text(o: f64) -> String {
-    let s = format!("{o:.4}");
-    let s = s.trim_end_matches('0');
-    if s.ends_with('.') {
-        format!("{s}0")
-    } else {
-        s.to_string()
-    }
-}
-
-/// CDIConfig `status` for the effective config and the existing classes.
-pub fn config_status(eff: &Effective, classes: &[ClassInfo]) -> Value {
-    let per_class: serde_json::Map<String, Value> = classes
-        .iter()
-        .map(|c| (c.name.clone(), json!(overhead_text(eff.overhead(&c.name)))))
-        .collect();
-    let scratch = scratch_class(eff.scratch_class.as_deref(), classes, "");
-    let mut st = json!({
-        "filesystemOverhead": {"global": overhead_text(eff.global_overhead), "storageClass": per_class},
-        "preallocation": eff.preallocation,
-    });
-    if !scratch.is_empty() {
-        st["scratchSpaceStorageClass"] = json!(scratch);
-    }
-    if !eff.import_proxy.is_null() {
-        st["importProxy"] = eff.import_proxy.clone();
-    }
-    if !eff.insecure_registries.is_empty() {
-        st["insecureRegistries"] = json!(eff.insecure_registries);
-    }
-    st
-}
-
-/// StorageProfile `status` for a class.
-pub fn profile_status(class: &Value, profile_spec: &Value) -> Value {
-    let name = class["metadata"]["name"].as_str().unwrap_or_default();
-    let provisioner = class["provisioner"].as_str().unwrap_or_default();
-    let known = provisioner == LOCAL_PROVISIONER || provisioner == LOCAL_BLOCK_PROVISIONER;
-    let unavailable = class["metadata"]["annotations"]
-        .get(ANN_CLASS_UNAVAILABLE)
-        .is_some();
-    let mode = if provisioner == LOCAL_BLOCK_PROVISIONER {
-        "Block"
-    } else {
-        "Filesystem"
-    };
-    let mut st = json!({"storageClass": name, "provisioner": provisioner});
-    let sets = match profile_spec["claimPropertySets"].as_array() {
-        Some(s) if !s.is_empty() => Some(Value::Array(s.clone())),
-        // We only recognise our own provisioners; for others the status stays empty until an
-        // admin sets claimPropertySets, as upstream does for unknown provisioners. An
-        // unavailable class offers nothing.
-        _ if known && !unavailable => {
-            Some(json!([{"accessModes": ["ReadWriteOnce"], "volumeMode": mode}]))
-        }
-        _ => None,
-    };
-    if let Some(s) = sets {
-        st["claimPropertySets"] = s;
-    }
-    let strategy =
-        profile_spec["cloneStrategy"]
-            .as_str()
-            .unwrap_or(if known { "copy" } else { "" });
-    if !strategy.is_empty() {
-        st["cloneStrategy"] = json!(strategy);
-    }
-    st["dataImportCronSourceFormat"] = json!(
-        profile_spec["dataImportCronSourceFormat"]
-            .as_str()
-            .unwrap_or("pvc")
-    );
-    st
-}
-
-/// A storage class as the class-selection rule sees it.
-#[derive(Debug, Clone)]
-pub struct ClassInfo {
-    /// Class name.
-    pub name: String,
-    /// Carries the Kubernetes default annotation.
-    pub is_default: bool,
-    /// Carries the virtualization default annotation.
-    pub is_virt_default: bool,
-    /// Creation time (seconds), newest default wins.
-    pub created: u64,
-}
-
-/// Pick the storage class: the requested one, else the virt default (kubevirt content only),
-/// else the Kubernetes default; among several defaults the newest, then by name.
-pub fn choose_class(
-    requested: Option<&str>,
-    classes: &[ClassInfo],
-    kubevirt_content: bool,
-) -> Option<String> {
-    if let Some(r) = requested.filter(|r| !r.is_empty()) {
-        return Some(r.to_string());
-    }
-    let newest = |f: &dyn Fn(&ClassInfo) -> bool| {
-        classes
-            .iter()
-            .filter(|c| f(c))
-            .max_by(|a, b| a.created.cmp(&b.created).then_with(|| b.name.cmp(&a.name)))
-            .map(|c| c.name.clone())
-    };
-    if kubevirt_content && let Some(c) = newest(&|c| c.is_virt_default) {
-        return Some(c);
-    }
-    newest(&|c| c.is_default)
-}
-
-/// Scratch class: CDIConfig's if it exists, else the default class, else the target's class.
-pub fn scratch_class(configured: Option<&str>, classes: &[ClassInfo], target: &str) -> String {
-    if let Some(c) = configured.filter(|c| classes.iter().any(|k| k.name == *c)) {
-        return c.to_string();
-    }
-    choose_class(None, classes, false).unwrap_or_else(|| target.to_string())
-}
-
-/// Class facts for the selection rules.
-pub fn class_infos(classes: &[Value]) -> Vec<ClassInfo> {
-    classes
-        .iter()
-        .map(|c| {
-            let ann = &c["metadata"]["annotations"];
-            ClassInfo {
-                name: c["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                is_default: ann[cdi_api::resources::ANN_DEFAULT_CLASS] == "true",
-                is_virt_default: ann[cdi_api::resources::ANN_DEFAULT_VIRT_CLASS] == "true",
-                created: c["metadata"]["creationTimestamp"]
-                    .as_str()
-                    .and_then(crate::util::parse_rfc3339)
-                    .unwrap_or(0),
-            }
-        })
-        .collect()
-}
 
 /// Create the built-in objects on first start (never overwrites an admin's edits). The Block
 /// class is marked unavailable (annotation with the reason) when `block_unavailable` says so.
@@ -309,98 +96,6 @@ pub fn ensure_namespaces(store: &dyn Store) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Bring CDIConfig status and one StorageProfile per class up to date; drop profiles of
-/// deleted classes.
-pub fn refresh(store: &dyn Store) -> Result<(), StoreError> {
-    let classes = store.list(Kind::StorageClass, None)?;
-    let infos = class_infos(&classes);
-    if let Some(mut cfg) = store.get(Kind::CdiConfig, "", CONFIG_NAME)? {
-        let st = config_status(&effective(Some(&cfg)), &infos);
-        if cfg["status"] != st {
-            cfg["status"] = st;
-            match store.update(Kind::CdiConfig, cfg) {
-                Ok(_) | Err(StoreError::Conflict) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    for class in &classes {
-        let name = class["metadata"]["name"].as_str().unwrap_or_default();
-        match store.get(Kind::StorageProfile, "", name)? {
-            None => {
-                let st = profile_status(class, &Value::Null);
-                match store.create(
-                    Kind::StorageProfile,
-                    json!({"metadata": {"name": name}, "spec": {}, "status": st}),
-                ) {
-                    Ok(_) | Err(StoreError::AlreadyExists) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Some(mut p) => {
-                let st = profile_status(class, &p["spec"]);
-                if p["status"] != st {
-                    p["status"] = st;
-                    match store.update(Kind::StorageProfile, p) {
-                        Ok(_) | Err(StoreError::Conflict) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-        }
-    }
-    for p in store.list(Kind::StorageProfile, None)? {
-        let name = p["metadata"]["name"].as_str().unwrap_or_default();
-        if !infos.iter().any(|c| c.name == name) {
-            store.delete(Kind::StorageProfile, "", name)?;
-        }
-    }
-    Ok(())
-}
-
-/// A change burst is folded into one status pass after this pause.
-const REFRESH_SETTLE: Duration = Duration::from_millis(50);
-/// Statuses are recomputed at least this often even without changes (a failed pass retries).
-const REFRESH_RESYNC: Duration = Duration::from_secs(30);
-
-fn touches_config(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::StorageClass | Kind::StorageProfile | Kind::CdiConfig
-    )
-}
-
-/// Keep CDIConfig and StorageProfile status current: one [`refresh`] per burst of changes to
-/// classes, profiles or the config, off the async threads.
-pub async fn run(store: Arc<dyn Store>) {
-    use tokio::sync::broadcast::error::RecvError;
-    let mut rx = store.watch();
-    loop {
-        let s = Arc::clone(&store);
-        match tokio::task::spawn_blocking(move || refresh(s.as_ref())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "refreshing CDIConfig and StorageProfile status")
-            }
-            Err(e) => tracing::warn!(error = %e, "status refresh task failed"),
-        }
-        let deadline = tokio::time::Instant::now() + REFRESH_RESYNC;
-        loop {
-            let ev = tokio::select! {
-                ev = rx.recv() => Some(ev),
-                _ = tokio::time::sleep_until(deadline) => None,
-            };
-            match ev {
-                Some(Ok(ev)) if !touches_config(ev.kind) => continue,
-                Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) | None => break,
-                Some(Err(RecvError::Closed)) => return,
-            }
-        }
-        tokio::time::sleep(REFRESH_SETTLE).await;
-        while rx.try_recv().is_ok() {}
-    }
-}
-
 /// Why the upload PKI could not be laid out.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiBootstrapError {
@@ -475,58 +170,7 @@ pub fn bootstrap_upload_pki(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn class_choice_prefers_request_then_virt_then_newest_default() {
-        let classes = vec![
-            ClassInfo {
-                name: "local".into(),
-                is_default: true,
-                is_virt_default: false,
-                created: 1,
-            },
-            ClassInfo {
-                name: "fast".into(),
-                is_default: true,
-                is_virt_default: false,
-                created: 5,
-            },
-            ClassInfo {
-                name: "virt".into(),
-                is_default: false,
-                is_virt_default: true,
-                created: 0,
-            },
-        ];
-        assert_eq!(
-            choose_class(Some("x"), &classes, true).as_deref(),
-            Some("x")
-        );
-        assert_eq!(choose_class(None, &classes, true).as_deref(), Some("virt"));
-        assert_eq!(choose_class(None, &classes, false).as_deref(), Some("fast"));
-        assert_eq!(choose_class(None, &[], false), None);
-        assert_eq!(scratch_class(Some("nope"), &classes, "t"), "fast");
-        assert_eq!(scratch_class(Some("local"), &classes, "t"), "local");
-        assert_eq!(scratch_class(None, &[], "t"), "t");
-    }
-
     use crate::store::SqliteStore;
-
-    #[test]
-    fn defaults_and_overrides() {
-        let e = effective(None);
-        assert_eq!(e.global_overhead, 0.055);
-        let cfg = json!({"spec": {"filesystemOverhead": {"global": "0.07", "storageClass": {"fast": "0.04", "bad": "2"}},
-            "scratchSpaceStorageClass": "fast", "preallocation": true}});
-        let e = effective(Some(&cfg));
-        assert_eq!(e.overhead("fast"), 0.04);
-        assert_eq!(e.overhead("bad"), 0.07);
-        assert_eq!(e.overhead("local"), 0.07);
-        assert!(e.preallocation);
-        assert_eq!(overhead_text(0.055), "0.055");
-        assert_eq!(overhead_text(0.07), "0.07");
-        assert_eq!(overhead_text(0.0), "0.0");
-    }
 
     #[test]
     fn bootstrap_creates_default_and_missing_namespaces() {
@@ -545,42 +189,25 @@ mod tests {
             .iter()
             .map(|n| n["metadata"]["name"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(names, ["default", "team"]);
+        assert_eq!(names, ["cdi", "default", "team"]);
         assert!(crate::gc::garbage(&s.list_all().unwrap().0).is_empty());
     }
 
     #[test]
-    fn bootstrap_then_refresh_creates_profile_and_status() {
+    fn bootstrap_marks_the_block_class_unavailable_and_back() {
         let s = SqliteStore::in_memory().unwrap();
         bootstrap(&s, Some("losetup: permission denied")).unwrap();
-        refresh(&s).unwrap();
-        let b = s
-            .get(Kind::StorageProfile, "", "local-block")
-            .unwrap()
-            .unwrap();
-        assert!(
-            b["status"]["claimPropertySets"].is_null(),
-            "unavailable class offers nothing"
-        );
+        let unavailable = |s: &SqliteStore| {
+            s.get(Kind::StorageClass, "", LOCAL_BLOCK_CLASS)
+                .unwrap()
+                .unwrap()["metadata"]["annotations"][ANN_CLASS_UNAVAILABLE]
+                .clone()
+        };
+        assert_eq!(unavailable(&s), "losetup: permission denied");
         bootstrap(&s, None).unwrap();
-        refresh(&s).unwrap();
-        let b = s
-            .get(Kind::StorageProfile, "", "local-block")
-            .unwrap()
-            .unwrap();
-        assert_eq!(b["status"]["claimPropertySets"][0]["volumeMode"], "Block");
-        let p = s.get(Kind::StorageProfile, "", "local").unwrap().unwrap();
-        assert_eq!(
-            p["status"]["claimPropertySets"][0]["volumeMode"],
-            "Filesystem"
-        );
-        assert_eq!(p["status"]["cloneStrategy"], "copy");
-        let c = s.get(Kind::CdiConfig, "", "config").unwrap().unwrap();
-        assert_eq!(c["status"]["filesystemOverhead"]["global"], "0.055");
-        assert_eq!(
-            c["status"]["filesystemOverhead"]["storageClass"]["local"],
-            "0.055"
-        );
-        assert_eq!(c["status"]["scratchSpaceStorageClass"], "local");
+        assert!(unavailable(&s).is_null());
+        let local = s.get(Kind::StorageClass, "", LOCAL_CLASS).unwrap().unwrap();
+        assert_eq!(local["provisioner"], LOCAL_PROVISIONER);
+        assert!(s.get(Kind::CdiConfig, "", CONFIG_NAME).unwrap().is_some());
     }
 }

@@ -5,8 +5,8 @@
 //! over SQLite; the DataVolume controller ([`cdi_controller`]) and the node — the agent that
 //! runs pods as child processes and the local provisioner ([`cdi_node`]) — run in the same
 //! process as clients of that API through `kube::Client`, as they would on a cluster
-//! ([`serve`] wires them). What stays here besides the API: CDIConfig and StorageProfile
-//! status ([`config`]), and the upload proxy's mount and PKI bootstrap.
+//! ([`serve`] wires them). What stays here besides the API: the objects a first start lays
+//! out ([`config`]: classes, CDIConfig, namespaces, upload PKI) and the upload proxy's mount.
 //!
 //! The API is a Kubernetes API server for the kinds of [`store::Kind`], so kubectl (through
 //! `<data-dir>/kubeconfig`) and kube-rs clients work against it unchanged: [`api`] (verbs,

@@ -160,8 +160,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     // Owner references and namespace deletion, as Kubernetes' garbage collector.
     tokio::spawn(crate::gc::run(Arc::clone(&store)));
-    // CDIConfig and StorageProfile status, as upstream's config and storage-profile controllers.
-    tokio::spawn(crate::config::run(Arc::clone(&store)));
 
     let kubeconfig =
         crate::kubeconfig::write(dir, &format!("https://{addr}"), ca.cert_pem(), &token)

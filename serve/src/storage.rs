@@ -10,7 +10,7 @@ pub use cdi_node::storage::{
 };
 
 /// StorageClass annotation saying why the Block class cannot provision on this host.
-pub const ANN_CLASS_UNAVAILABLE: &str = "cdi.kubevirt.io/storage.class.unavailable";
+pub use cdi_resources::annotations::ANN_CLASS_UNAVAILABLE;
 
 /// Whether this host lets us attach loop devices; `Err` says why not.
 pub fn probe_loop_devices(scratch: &Path) -> Result<(), cdi_node::storage::StorageError> {

@@ -78,7 +78,7 @@ pub enum Kind {
 }
 
 /// `cdi.kubevirt.io`.
-pub const CDI_GROUP: &str = "cdi.kubevirt.io";
+pub use cdi_api::resources::CDI_GROUP;
 /// `storage.k8s.io`.
 pub const STORAGE_GROUP: &str = "storage.k8s.io";
 /// `snapshot.storage.k8s.io`.

@@ -602,3 +602,92 @@ fn kubectl_shows_the_retained_importer_pod() {
     let logs = kubectl(s, &["logs", "importer-kept"]);
     assert!(logs.status.success(), "{logs:?}");
 }
+
+/// The controller publishes a StorageProfile per StorageClass and the CDIConfig status, as
+/// upstream's storage-profile and config controllers do; a new class gets its profile, a
+/// deleted one loses it.
+#[test]
+fn kubectl_sees_storage_profiles_and_config_status() {
+    let Some(env) = setup() else { return };
+    let s = &env.s;
+    let out = ok(
+        s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.claimPropertySets[0].volumeMode}=Filesystem",
+            "storageprofile/local",
+            "--timeout=30s",
+        ],
+    );
+    assert!(out.contains("condition met"), "{out}");
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "get",
+                "storageprofile",
+                "local",
+                "-o",
+                "jsonpath={.status.cloneStrategy}"
+            ]
+        ),
+        "copy"
+    );
+    let out = ok(
+        s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.filesystemOverhead.global}=0.055",
+            "cdiconfig/config",
+            "--timeout=30s",
+        ],
+    );
+    assert!(out.contains("condition met"), "{out}");
+    let sc = manifest(
+        s,
+        "sc",
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: other\nprovisioner: example.com/unknown\n",
+    );
+    ok(s, &["apply", "-f", sc.to_str().unwrap()]);
+    ok(
+        s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.provisioner}=example.com/unknown",
+            "storageprofile/other",
+            "--timeout=30s",
+        ],
+    );
+    // Unknown provisioners offer nothing until an admin says (upstream's behaviour).
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "get",
+                "storageprofile",
+                "other",
+                "-o",
+                "jsonpath={.status.claimPropertySets}"
+            ]
+        ),
+        ""
+    );
+    ok(
+        s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.filesystemOverhead.storageClass.other}=0.055",
+            "cdiconfig/config",
+            "--timeout=30s",
+        ],
+    );
+    ok(s, &["delete", "storageclass", "other"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kubectl(s, &["get", "storageprofile", "other"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "profile outlived its class");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

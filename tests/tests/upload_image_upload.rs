@@ -7,39 +7,14 @@
 //! tell a resumed upload from a restarted one.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use cdi_tests::fault::{FaultProxy, ProxyFault};
-use cdi_tests::{KillOnDrop, cdi_bin, have_all, qemu};
+use cdi_tests::serve::Serve;
+use cdi_tests::{cdi_bin, have_all, qemu};
 
 /// Volume and image size: small, the data path has its own tests.
 const IMAGE_SIZE: u64 = 8 << 20;
-
-fn start_serve(dir: &Path) -> KillOnDrop {
-    std::fs::create_dir_all(dir).unwrap();
-    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-    let child = Command::new(cdi_bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--restart-backoff",
-            "1s",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dir.join("server.url").exists() {
-        assert!(Instant::now() < deadline, "cdi serve did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    KillOnDrop(child)
-}
 
 fn volume_image(dir: &Path) -> Option<PathBuf> {
     let vols = std::fs::read_dir(dir.join("volumes")).ok()?;
@@ -56,7 +31,7 @@ fn upload_image_upload_creates_dv_and_uploads_qcow2_gz() {
     let tmp = tempfile::tempdir().unwrap();
     let fx = qemu::fixtures(&tmp.path().join("img"), IMAGE_SIZE).unwrap();
     let data = tmp.path().join("serve");
-    let _serve = start_serve(&data);
+    let _serve = Serve::start(&data);
     let out = Command::new(cdi_bin())
         .args([
             "image-upload",
@@ -94,7 +69,7 @@ fn upload_image_upload_creates_dv_and_uploads_qcow2_gz() {
 fn upload_image_upload_into_missing_volume_fails_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("serve");
-    let _serve = start_serve(&data);
+    let _serve = Serve::start(&data);
     let img = tmp.path().join("x.raw");
     std::fs::write(&img, vec![0u8; 4096]).unwrap();
     let out = Command::new(cdi_bin())
@@ -163,7 +138,7 @@ fn assert_volume_is(data: &Path, oracle: &Path) {
 /// Upload `image` through a relay that cuts the connection once at half of the image's size;
 /// the client must resume at the server's offset, not start over.
 fn resume_after_a_cut_at_half(image: &Path, size: &str, oracle: &Path, data: &Path) {
-    let _serve = start_serve(data);
+    let _serve = Serve::start(data);
     let len = std::fs::metadata(image).unwrap().len();
     let relay = FaultProxy::start(
         serve_port(data),
@@ -240,7 +215,7 @@ fn upload_image_upload_learns_completion_when_the_answer_is_lost() {
     let raw = tmp.path().join("disk.raw");
     qemu::create_pattern_raw(&raw, IMAGE_SIZE).unwrap();
     let data = tmp.path().join("serve");
-    let _serve = start_serve(&data);
+    let _serve = Serve::start(&data);
     let len = std::fs::metadata(&raw).unwrap().len();
     // Every byte reaches the server; the 200 that follows is swallowed and the connection cut.
     let relay = FaultProxy::start(
@@ -296,7 +271,7 @@ fn upload_finished_volume_is_refused_by_the_proxy_with_503() {
     let raw = tmp.path().join("disk.raw");
     qemu::create_pattern_raw(&raw, IMAGE_SIZE).unwrap();
     let data = tmp.path().join("serve");
-    let _serve = start_serve(&data);
+    let _serve = Serve::start(&data);
     let url = std::fs::read_to_string(data.join("server.url")).unwrap();
     let url = url.trim().trim_end_matches('/');
     let out = image_upload(&data, "disk", "8Mi", &raw, url);

@@ -666,3 +666,77 @@ async fn foreign_claim_requests_in_order() {
     assert!(err.to_string().contains("already exists"), "{err}");
     verifier.await.unwrap();
 }
+
+/// A reconcile working from a stale copy of the claim (the cache behind our own last write)
+/// must not leave a mix of old and new annotations: its patch is pinned to the version it
+/// saw, the API answers 409, and kube-runtime retries on a fresh copy.
+#[tokio::test]
+async fn claim_annotations_from_a_stale_copy_conflict() {
+    let (api, ctx) = setup();
+    seed_bound_claim(&api, json!({}));
+    let stale = pvc_of(&api);
+    // Someone (our previous reconcile) changed the claim since `stale` was read.
+    let mut fresh = api.get(PVCS, "fedora").unwrap();
+    fresh["metadata"]["annotations"][ann::RUNNING_CONDITION] = json!("true");
+    api.put(PVCS, fresh);
+    seed_importer_pod(
+        &api,
+        "Succeeded",
+        terminated(0, r#"{"message": "Import Complete"}"#, "Completed"),
+    );
+    let err = super::claim::reconcile(stale, ctx.clone())
+        .await
+        .expect_err("a stale base conflicts");
+    assert!(err.is_conflict(), "{err}");
+    // On the fresh copy the same reconcile succeeds and the condition is consistent.
+    reconcile_claim(&api, &ctx).await.unwrap();
+    let pvc = api.get(PVCS, "fedora").unwrap();
+    assert_eq!(
+        annotation(&pvc, ann::RUNNING_CONDITION).as_deref(),
+        Some("false")
+    );
+    assert_eq!(
+        annotation(&pvc, ann::RUNNING_CONDITION_MESSAGE).as_deref(),
+        Some("Import Complete")
+    );
+}
+
+/// The storage reconcilers publish a StorageProfile per class (owned by it) and CDIConfig
+/// status from the classes.
+#[tokio::test]
+async fn storage_profiles_and_config_status_are_published() {
+    let (api, ctx) = setup();
+    let class: k8s_openapi::api::storage::v1::StorageClass = serde_json::from_value(
+        api.get("apis/storage.k8s.io/v1/storageclasses", "local")
+            .unwrap(),
+    )
+    .unwrap();
+    super::storage::reconcile_class(Arc::new(class), ctx.clone())
+        .await
+        .unwrap();
+    let p = api
+        .get("apis/cdi.kubevirt.io/v1beta1/storageprofiles", "local")
+        .unwrap();
+    assert_eq!(p["status"]["provisioner"], "cdi.kubevirt.io/local");
+    assert_eq!(
+        p["status"]["claimPropertySets"][0]["volumeMode"],
+        "Filesystem"
+    );
+    assert_eq!(p["status"]["cloneStrategy"], "copy");
+    let cfg: cdi_resources::CDIConfig = serde_json::from_value(
+        api.get("apis/cdi.kubevirt.io/v1beta1/cdiconfigs", "config")
+            .unwrap(),
+    )
+    .unwrap();
+    super::storage::reconcile_config(Arc::new(cfg), ctx.clone())
+        .await
+        .unwrap();
+    let c = api
+        .get("apis/cdi.kubevirt.io/v1beta1/cdiconfigs", "config")
+        .unwrap();
+    assert_eq!(
+        c["status"]["filesystemOverhead"]["storageClass"]["local"],
+        "0.055"
+    );
+    assert_eq!(c["status"]["scratchSpaceStorageClass"], "local");
+}
