@@ -1,21 +1,17 @@
-//! The upload proxy's view of the Kubernetes API: which upload server takes a claim's upload,
-//! and the client identity the proxy presents to it.
+//! The upload proxy's view of the Kubernetes API: which upload server takes a claim's upload.
 //!
 //! Upstream's proxy reads the claim's annotations (is it an upload target, is the upload pod
 //! ready, did it already succeed) and then dials the upload Service. We dial the pod's
 //! `status.podIP` directly — the same object the Service selects — and check the server's
 //! certificate against the Service's DNS name, so one resolver serves a cluster and `cdi serve`.
 
-use cdi_pki::CertPair;
 use cdi_uploadproxy::{ResolveError, UploadTarget, UploadTargetResolver};
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::Api;
 
 use crate::builders::upload_server_dns_names;
-use crate::error::Error;
 use crate::names::{self, ann, pod};
-use crate::pki::{BUNDLE_KEY, CLIENT_CERT_SECRET, SERVER_SIGNER_BUNDLE};
 
 /// Finds a claim's upload server through its annotations and its upload pod.
 #[derive(Clone)]
@@ -108,33 +104,6 @@ impl UploadTargetResolver for KubeResolver {
             target_of(namespace, &claim, upload_pod.as_ref())
         })
     }
-}
-
-/// What the upload proxy needs to talk to upload servers: the CA bundle their certificates
-/// chain to and its own client certificate (from the CDI namespace, see [`crate::pki`]).
-pub async fn proxy_credentials(
-    client: &kube::Client,
-    namespace: &str,
-) -> Result<(String, CertPair), Error> {
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let bundle = cms
-        .get(SERVER_SIGNER_BUNDLE)
-        .await?
-        .data
-        .and_then(|d| d.get(BUNDLE_KEY).cloned())
-        .ok_or_else(|| {
-            Error::Pki(format!(
-                "ConfigMap {namespace}/{SERVER_SIGNER_BUNDLE} has no {BUNDLE_KEY}"
-            ))
-        })?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = secrets.get(CLIENT_CERT_SECRET).await?;
-    let pair = crate::pki::pair_of(&secret).ok_or_else(|| {
-        Error::Pki(format!(
-            "Secret {namespace}/{CLIENT_CERT_SECRET} has no tls.crt/tls.key"
-        ))
-    })?;
-    Ok((bundle, pair))
 }
 
 #[cfg(test)]

@@ -133,17 +133,22 @@ pub fn bootstrap_upload_pki(
         cert_pem: ca.cert_pem().to_string(),
         key_pem: ca.key_pem(),
     };
-    let client = ca.issue_client(cdi_controller::names::UPLOAD_CLIENT_NAME)?;
     let mut stored = Vec::new();
-    for (name, pair) in [
-        (pki::SERVER_SIGNER_SECRET, &ca_pair),
-        (pki::CLIENT_SIGNER_SECRET, &ca_pair),
-        (pki::CLIENT_CERT_SECRET, &client),
+    for name in [
+        pki::SERVER_SIGNER_SECRET,
+        pki::CLIENT_SIGNER_SECRET,
+        pki::CLIENT_CERT_SECRET,
     ] {
         let existing = match store.get(Kind::Secret, ns, name)? {
             Some(s) => s,
             None => {
-                let secret = serde_json::to_value(pki::tls_secret(ns, name, pair))
+                // Only a missing Secret costs a key pair: later starts reuse what is stored.
+                let pair = if name == pki::CLIENT_CERT_SECRET {
+                    ca.issue_client(cdi_controller::names::UPLOAD_CLIENT_NAME)?
+                } else {
+                    ca_pair.clone()
+                };
+                let secret = serde_json::to_value(pki::tls_secret(ns, name, &pair))
                     .map_err(StoreError::from)?;
                 match store.create(Kind::Secret, secret) {
                     Ok(s) => s,

@@ -137,8 +137,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let server_cert = ca
         .issue_server(&["localhost"], &ips)
         .context("issuing the server certificate")?;
-    write_private(&dir.join("pki/server.key"), server_cert.key_pem.as_bytes())?;
-    std::fs::write(dir.join("pki/server.crt"), &server_cert.cert_pem)?;
+    server_cert
+        .write_files(&dir.join("pki/server.crt"), &dir.join("pki/server.key"))
+        .context("writing the server certificate")?;
     let tls_cfg = cdi_pki::server_config(&server_cert, cdi_pki::ClientAuth::None)
         .context("building the server's TLS configuration")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg));
