@@ -8,10 +8,9 @@
 use std::path::Path;
 
 use base64::Engine;
+use cdi_api::client::KUBECONFIG_FILE;
 use serde_json::json;
 
-/// File name inside the data directory.
-pub const KUBECONFIG_FILE: &str = "kubeconfig";
 /// Name of the cluster, the context and (as `admin`) the user.
 pub const CONTEXT: &str = "cdi";
 const USER: &str = "admin";

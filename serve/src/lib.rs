@@ -1,4 +1,4 @@
-//! The embedded control plane (`cdi serve`) and the client commands that talk to it.
+//! The embedded control plane (`cdi serve`).
 //!
 //! A person with one machine applies the same DataVolume YAML they would give a cluster and
 //! gets filled volumes. `cdi serve` is a single-host Kubernetes: this crate is its API server
@@ -17,10 +17,8 @@
 
 pub mod api;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod convert;
-pub mod describe;
 pub mod discovery;
 pub mod gc;
 pub mod kubeconfig;

@@ -416,6 +416,21 @@ fn short_mode(m: &str) -> &str {
     }
 }
 
+/// Bytes as a Kubernetes-style binary quantity when exact (`2Gi`), else plain bytes.
+fn human_bytes(n: u64) -> String {
+    for (suffix, unit) in [
+        ("Ti", 1u64 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ] {
+        if n >= unit && n.is_multiple_of(unit) {
+            return format!("{}{suffix}", n / unit);
+        }
+    }
+    n.to_string()
+}
+
 fn access_modes(v: &Value) -> String {
     v.as_array()
         .map(|a| {
@@ -431,10 +446,10 @@ fn access_modes(v: &Value) -> String {
 fn quantity(v: &Value) -> String {
     match v {
         Value::String(q) => match q.parse::<u64>() {
-            Ok(n) => crate::cli::human_bytes(n),
+            Ok(n) => human_bytes(n),
             Err(_) => q.clone(),
         },
-        Value::Number(n) => n.as_u64().map(crate::cli::human_bytes).unwrap_or_default(),
+        Value::Number(n) => n.as_u64().map(human_bytes).unwrap_or_default(),
         _ => String::new(),
     }
 }
@@ -817,6 +832,12 @@ mod tests {
         assert!(!wants_table(
             "application/json;as=Table;v=v1beta1;g=meta.k8s.io"
         ));
+    }
+
+    #[test]
+    fn quantities_render() {
+        assert_eq!(human_bytes(2 << 30), "2Gi");
+        assert_eq!(human_bytes(1_132_797_625), "1132797625");
     }
 
     #[test]

@@ -110,17 +110,6 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Human age like kubectl prints it (`24s`, `5m`, `3h`, `2d`).
-pub fn age(since_secs: u64, now: u64) -> String {
-    let d = now.saturating_sub(since_secs);
-    match d {
-        0..120 => format!("{d}s"),
-        120..7200 => format!("{}m", d / 60),
-        7200..172_800 => format!("{}h", d / 3600),
-        _ => format!("{}d", d / 86_400),
-    }
-}
-
 /// Write a file readable only by us (keys, tokens).
 pub fn write_private(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -159,12 +148,5 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
-    }
-
-    #[test]
-    fn ages_read_like_kubectl() {
-        assert_eq!(age(100, 124), "24s");
-        assert_eq!(age(0, 600), "10m");
-        assert_eq!(age(0, 3 * 86_400), "3d");
     }
 }

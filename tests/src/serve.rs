@@ -78,8 +78,6 @@ impl Serve {
             .arg("--data-dir")
             .arg(&self.dir)
             .env_remove("CDI_HOME")
-            .env_remove("CDI_TOKEN")
-            .env_remove("CDI_SERVER")
             .output()
             .expect("run cdi")
     }

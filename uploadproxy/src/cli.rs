@@ -16,8 +16,6 @@ use crate::{ProxyState, StaticResolver, UploadTarget};
 pub enum Command {
     /// Upload proxy: check upload tokens and stream uploads to upload servers over mTLS.
     Uploadproxy(ProxyArgs),
-    /// Upload a disk image into a new or existing DataVolume (virtctl image-upload).
-    ImageUpload(crate::client::ImageUploadArgs),
 }
 
 impl Command {
@@ -31,7 +29,6 @@ impl Command {
                     ExitCode::FAILURE
                 }
             },
-            Command::ImageUpload(args) => args.run(),
         }
     }
 }

@@ -24,7 +24,6 @@
 //! is dropped (it would switch the upload server to its clone path).
 
 pub mod cli;
-pub mod client;
 use std::sync::Arc;
 use std::time::Duration;
 

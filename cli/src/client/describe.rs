@@ -2,18 +2,77 @@
 //!
 //! Keys become title-cased words (`claimName` → `Claim Name`, acronyms kept: `URL`, `UID`,
 //! `API`), maps nest by two spaces, scalar values of a map are aligned, and the object's events
-//! follow as a table whose Age column reads `12s (x2 over 14s)` for repeats.
+//! follow as a table whose Age column reads `12s (x2 over 14s)` for repeats. The object and
+//! its events (core events whose `involvedObject.uid` is the object's) come from the API.
 
 use std::fmt::Write;
 
+use cdi_serve::util::{now_secs, parse_rfc3339};
+use kube::api::ListParams;
+use kube::core::ApiResource;
 use serde_json::Value;
 
-use crate::util::{age, now_secs, parse_rfc3339};
+use super::connect::Connection;
+use super::discovery;
 
 const ACRONYMS: [&str; 5] = ["API", "URL", "UID", "OSB", "GUID"];
 
+/// Arguments of `cdi describe`.
+#[derive(Debug, clap::Args)]
+pub struct DescribeArgs {
+    /// Resource type.
+    resource: String,
+    /// Name.
+    name: String,
+    #[command(flatten)]
+    pub(super) conn: super::ConnFlags,
+}
+
+/// Run `cdi describe`.
+pub async fn run(conn: &Connection, a: DescribeArgs) -> anyhow::Result<()> {
+    let res = discovery::resolve(conn, &a.resource).await?;
+    let ns = conn.namespace.as_str();
+    let obj = res
+        .api(&conn.client, Some(ns))
+        .get(&a.name)
+        .await
+        .map_err(|e| conn.explain(e))?;
+    let obj = serde_json::to_value(obj)?;
+    let events = if res.namespaced {
+        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
+        let core_events = ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&());
+        let list = kube::Api::<kube::core::DynamicObject>::namespaced_with(
+            conn.client.clone(),
+            ns,
+            &core_events,
+        )
+        .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
+        .await
+        .map_err(|e| conn.explain(e))?;
+        list.items
+            .into_iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    print!("{}", describe(&obj, &events));
+    Ok(())
+}
+
+/// Human age like kubectl prints it (`24s`, `5m`, `3h`, `2d`).
+fn age(since_secs: u64, now: u64) -> String {
+    let d = now.saturating_sub(since_secs);
+    match d {
+        0..120 => format!("{d}s"),
+        120..7200 => format!("{}m", d / 60),
+        7200..172_800 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86_400),
+    }
+}
+
 /// Title-case label for a JSON key, as kubectl's `smartLabelFor`.
-pub fn label_for(key: &str) -> String {
+fn label_for(key: &str) -> String {
     // The documented `oc describe dv` output spells this one out word by word.
     if key == "lastHeartbeatTime" {
         return "Last Heart Beat Time".to_string();
@@ -137,7 +196,7 @@ fn kv_block(out: &mut String, label: &str, m: &Value) {
 }
 
 /// Render an object and its events.
-pub fn describe(obj: &Value, events: &[Value]) -> String {
+fn describe(obj: &Value, events: &[Value]) -> String {
     let mut out = String::new();
     let meta = &obj["metadata"];
     let _ = writeln!(
@@ -201,7 +260,7 @@ pub fn describe(obj: &Value, events: &[Value]) -> String {
 /// When an event was last seen: `lastTimestamp` (core/v1 writers), else the series' last
 /// observation or `eventTime` (events.k8s.io/v1 writers such as kube-rs' recorder), as
 /// `kubectl describe` reads them.
-fn last_seen(e: &Value) -> Option<u64> {
+pub(super) fn last_seen(e: &Value) -> Option<u64> {
     [
         &e["lastTimestamp"],
         &e["series"]["lastObservedTime"],
@@ -212,7 +271,7 @@ fn last_seen(e: &Value) -> Option<u64> {
 }
 
 /// The `Events:` section.
-pub fn events_table(events: &[Value], now: u64) -> String {
+fn events_table(events: &[Value], now: u64) -> String {
     if events.is_empty() {
         return "Events:       <none>\n".to_string();
     }
@@ -293,6 +352,13 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn ages_read_like_kubectl() {
+        assert_eq!(age(100, 124), "24s");
+        assert_eq!(age(0, 600), "10m");
+        assert_eq!(age(0, 3 * 86_400), "3d");
+    }
+
+    #[test]
     fn labels_follow_kubectl() {
         assert_eq!(label_for("claimName"), "Claim Name");
         assert_eq!(label_for("url"), "URL");
@@ -312,7 +378,7 @@ mod tests {
                 "lastHeartbeatTime": "2020-07-15T03:58:24Z", "lastTransitionTime": "2020-07-15T03:58:24Z"}]}});
         let ev = json!({"type": "Warning", "reason": "Error", "count": 2, "source": {"component": "datavolume-controller"},
             "message": "Unable to connect to http data source: expected status code 200, got 404. Status: 404 Not Found",
-            "firstTimestamp": crate::util::rfc3339(1000 - 14), "lastTimestamp": crate::util::rfc3339(1000 - 12)});
+            "firstTimestamp": cdi_serve::util::rfc3339(1000 - 14), "lastTimestamp": cdi_serve::util::rfc3339(1000 - 12)});
         let mut text = describe(&dv, &[]);
         text.push_str(&events_table(&[ev], 1000));
         assert!(
@@ -340,8 +406,8 @@ mod tests {
     fn events_from_the_events_api_show_series_and_reporter() {
         // What kube-rs' recorder writes through events.k8s.io/v1, as the core view lists it.
         let ev = json!({"type": "Warning", "reason": "Error", "reportingComponent": "cdi-controller",
-            "message": "Unable to connect", "eventTime": crate::util::rfc3339(1000 - 30),
-            "series": {"count": 3, "lastObservedTime": crate::util::rfc3339(1000 - 5)}});
+            "message": "Unable to connect", "eventTime": cdi_serve::util::rfc3339(1000 - 30),
+            "series": {"count": 3, "lastObservedTime": cdi_serve::util::rfc3339(1000 - 5)}});
         let text = events_table(&[ev], 1000);
         assert!(
             text.contains("  Warning  Error   5s (x3 over 30s)  cdi-controller  Unable to connect"),

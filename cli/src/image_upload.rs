@@ -1,34 +1,43 @@
-//! `cdi image-upload`: virtctl's `image-upload` against `cdi serve`.
+//! `cdi image-upload`: virtctl's `image-upload`, against `cdi serve` or a cluster.
 //!
 //! ```text
-//!  POST {server}/apis/cdi.kubevirt.io/v1beta1/namespaces/{ns}/datavolumes   (unless --no-create)
-//!  GET  …/datavolumes/{name} until status.phase == UploadReady              (--wait-secs)
-//!  POST {server}/apis/upload.cdi.kubevirt.io/v1beta1/namespaces/{ns}/uploadtokenrequests
-//!  POST {uploadproxy}/v1beta1/upload   Authorization: Bearer <upload token>
-//!       Content-Length, Content-Digest: sha-256=:…:   (progress on stderr)
-//!    connection lost → GET /v1beta1/upload-offset (again while 503: the server has not
-//!                      seen the cut yet) → POST the rest with Upload-Offset: N
-//!                      409 / 503 "already finished uploading" after the whole body went
-//!                      out: the answer was lost, the upload is complete
-//!  GET  …/datavolumes/{name} until status.phase == Succeeded
+//!  kube::Client (the connection flags: kubeconfig, --server, --token, …)
+//!    POST …/cdi.kubevirt.io/v1beta1/namespaces/{ns}/datavolumes          (unless --no-create)
+//!    GET  …/datavolumes/{name} until status.phase == UploadReady        (--wait-secs)
+//!    POST …/upload.cdi.kubevirt.io/v1beta1/namespaces/{ns}/uploadtokenrequests
+//!  reqwest, to the upload proxy (--uploadproxy-url, default: the API server's URL, where
+//!  `cdi serve` mounts its proxy):
+//!    POST {uploadproxy}/v1beta1/upload   Authorization: Bearer <upload token>
+//!         Content-Length, Content-Digest: sha-256=:…:   (progress on stderr)
+//!      connection lost → GET /v1beta1/upload-offset (again while 503: the server has not
+//!                        seen the cut yet) → POST the rest with Upload-Offset: N
+//!                        409 / 503 "already finished uploading" after the whole body went
+//!                        out: the answer was lost, the upload is complete
+//!  kube::Client:
+//!    GET  …/datavolumes/{name} until status.phase == Succeeded
 //! ```
 //!
-//! API calls carry the admin token (`--token`, `$CDI_TOKEN` or the data dir of `cdi serve`).
-//! `pvc NAME` also creates a DataVolume (its PVC has the same name): `cdi serve` manages
-//! volumes through DataVolumes.
+//! The upload proxy's certificate is checked against the CA the API server's is checked
+//! against (the kubeconfig's, or `--certificate-authority`): `cdi serve` serves both on one
+//! listener. Without one, the system's roots apply. `pvc NAME` also creates a DataVolume (its
+//! PVC has the same name): `cdi serve` manages volumes through DataVolumes.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use base64::Engine;
-use cdi_api::client::{ClientConfig, ClientFlags};
 use cdi_pki::ServerTrust;
 use futures::StreamExt;
-use serde_json::{Value, json};
+use kube::Api;
+use kube::api::PostParams;
+use kube::core::{ApiResource, DynamicObject};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::client::ConnFlags;
+use crate::client::connect::Connection;
 
 /// Attempts to continue an upload after the connection dropped.
 pub const RESUME_ATTEMPTS: u32 = 5;
@@ -44,6 +53,8 @@ const OFFSET_POLL: Duration = Duration::from_millis(250);
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Read size for hashing and sending the image.
 const CHUNK: usize = 1 << 20;
+/// Plural of `UploadTokenRequest` in its API group.
+const UPLOAD_TOKEN_REQUESTS: &str = "uploadtokenrequests";
 
 /// Which object `image-upload` targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,10 +81,10 @@ pub struct ImageUploadArgs {
     /// Upload into an existing volume.
     #[arg(long)]
     no_create: bool,
-    /// Do not verify the server certificates.
+    /// Do not verify the certificates of the API server and the upload proxy.
     #[arg(long)]
     insecure: bool,
-    /// Upload proxy base URL (default: the server).
+    /// Upload proxy base URL (default: the API server's URL).
     #[arg(long)]
     uploadproxy_url: Option<String>,
     /// Storage class of the new volume.
@@ -91,9 +102,6 @@ pub struct ImageUploadArgs {
     /// Bind the volume immediately (WaitForFirstConsumer storage).
     #[arg(long)]
     force_bind: bool,
-    /// Namespace.
-    #[arg(short = 'n', long, default_value = "default")]
-    namespace: String,
     /// Legacy: name of a PVC to create.
     #[arg(long)]
     pvc_name: Option<String>,
@@ -103,38 +111,17 @@ pub struct ImageUploadArgs {
     /// Legacy: name of the DataVolume.
     #[arg(long)]
     dv_name: Option<String>,
-    /// Server URL of `cdi serve`.
-    #[arg(long)]
-    server: Option<String>,
-    /// Admin token.
-    #[arg(long)]
-    token: Option<String>,
-    /// CA certificate of the server.
-    #[arg(long)]
-    ca_cert: Option<PathBuf>,
-    /// Data directory of `cdi serve` (server URL, token and CA are read from it).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    conn: ConnFlags,
 }
 
 impl ImageUploadArgs {
-    /// Run the command.
-    pub fn run(self) -> ExitCode {
-        cdi_pki::install_default_provider();
-        let rt = match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        match rt.block_on(self.upload()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
+    /// The connection flags given after the subcommand; `--insecure` also skips the API
+    /// server's certificate check, as it did before the API calls went through kube.
+    pub fn conn_flags(&self) -> ConnFlags {
+        let mut conn = self.conn.clone();
+        conn.insecure_skip_tls_verify |= self.insecure;
+        conn
     }
 
     fn target(&self) -> anyhow::Result<(String, Option<String>)> {
@@ -153,22 +140,12 @@ impl ImageUploadArgs {
         Ok((name, if self.no_create { None } else { size }))
     }
 
-    async fn upload(self) -> anyhow::Result<()> {
+    /// Run the command over `conn`.
+    pub async fn upload(self, conn: &Connection) -> anyhow::Result<()> {
         let (name, create_size) = self.target()?;
-        let cfg = ClientFlags {
-            server: self.server.clone(),
-            token: self.token.clone(),
-            ca_cert: self.ca_cert.clone(),
-            data_dir: self.data_dir.clone(),
-        }
-        .resolve()
-        .map_err(|e| anyhow!(e))?;
-        let http = http_client(&cfg, self.insecure)?;
-        let api = Api {
-            http: http.clone(),
-            cfg: cfg.clone(),
-            ns: self.namespace.clone(),
-        };
+        let http = http_client(conn, self.insecure)?;
+        let api = VolumeApi::new(conn);
+        let ns = &conn.namespace;
         let file_len = tokio::fs::metadata(&self.image_path)
             .await
             .with_context(|| format!("{}", self.image_path.display()))?
@@ -176,7 +153,7 @@ impl ImageUploadArgs {
 
         if let Some(size) = &create_size {
             api.create_dv(&name, size, &self).await?;
-            eprintln!("DataVolume {}/{name} created", self.namespace);
+            eprintln!("DataVolume {ns}/{name} created");
         }
         let deadline = Instant::now() + Duration::from_secs(self.wait_secs);
         api.wait_phase(&name, &["UploadReady"], deadline).await?;
@@ -185,7 +162,7 @@ impl ImageUploadArgs {
         let proxy = self
             .uploadproxy_url
             .clone()
-            .unwrap_or_else(|| cfg.server.clone());
+            .unwrap_or_else(|| conn.server.clone());
         let proxy = proxy.trim_end_matches('/').to_string();
 
         let mut offset = 0u64;
@@ -250,35 +227,73 @@ impl ImageUploadArgs {
             deadline.max(Instant::now() + Duration::from_secs(self.wait_secs)),
         )
         .await?;
-        eprintln!("DataVolume {}/{name} Succeeded", self.namespace);
+        eprintln!("DataVolume {ns}/{name} Succeeded");
         Ok(())
     }
 }
 
-fn http_client(cfg: &ClientConfig, insecure: bool) -> anyhow::Result<reqwest::Client> {
-    let tls = if insecure {
-        cdi_pki::client_config(ServerTrust::Insecure, None)?
-    } else {
-        let ca = cfg.ca_cert.as_ref().ok_or_else(|| {
-            anyhow!("no CA certificate: pass --ca-cert, --data-dir, or --insecure")
-        })?;
-        let pem = std::fs::read_to_string(ca).with_context(|| format!("{}", ca.display()))?;
-        cdi_pki::client_config(ServerTrust::Ca(&pem), None)?
+/// The HTTP client for the upload proxy: HTTP/1.1 (the resume protocol counts body bytes on
+/// one connection), trusting what the API connection trusts.
+fn http_client(conn: &Connection, insecure: bool) -> anyhow::Result<reqwest::Client> {
+    let trust = match (&conn.root_certs, insecure || conn.insecure) {
+        (_, true) => Some(cdi_pki::client_config(ServerTrust::Insecure, None)?),
+        (Some(ders), false) => {
+            let pem = pem_bundle(ders);
+            Some(cdi_pki::client_config(ServerTrust::Ca(&pem), None)?)
+        }
+        (None, false) => None,
     };
-    Ok(reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .build()?)
+    let builder = match trust {
+        Some(tls) => reqwest::Client::builder().use_preconfigured_tls(tls),
+        None => reqwest::Client::builder().http1_only(),
+    };
+    Ok(builder.build()?)
 }
 
-struct Api {
-    http: reqwest::Client,
-    cfg: ClientConfig,
-    ns: String,
+/// DER certificates as one PEM bundle.
+fn pem_bundle(ders: &[Vec<u8>]) -> String {
+    /// PEM's line length for base64 bodies (RFC 7468).
+    const PEM_LINE: usize = 64;
+    let mut pem = String::new();
+    for der in ders {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(PEM_LINE) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem
 }
 
-impl Api {
-    fn url(&self, rest: &str) -> String {
-        format!("{}/apis/{rest}", self.cfg.server)
+/// The API calls of an upload: DataVolumes and upload tokens in the connection's namespace.
+struct VolumeApi<'a> {
+    conn: &'a Connection,
+    dvs: Api<DynamicObject>,
+    dv_resource: ApiResource,
+    tokens: Api<DynamicObject>,
+    token_resource: ApiResource,
+}
+
+impl<'a> VolumeApi<'a> {
+    fn new(conn: &'a Connection) -> VolumeApi<'a> {
+        let dv_resource = ApiResource::erase::<cdi_resources::DataVolume>(&());
+        let token_resource = ApiResource {
+            group: cdi_apiserver::GROUP.to_string(),
+            version: cdi_apiserver::VERSION.to_string(),
+            api_version: cdi_apiserver::GROUP_VERSION.to_string(),
+            kind: cdi_apiserver::KIND.to_string(),
+            plural: UPLOAD_TOKEN_REQUESTS.to_string(),
+        };
+        let ns = conn.namespace.as_str();
+        VolumeApi {
+            conn,
+            dvs: Api::namespaced_with(conn.client.clone(), ns, &dv_resource),
+            dv_resource,
+            tokens: Api::namespaced_with(conn.client.clone(), ns, &token_resource),
+            token_resource,
+        }
     }
 
     async fn create_dv(
@@ -297,59 +312,36 @@ impl Api {
         if let Some(m) = &args.volume_mode {
             storage["volumeMode"] = json!(m);
         }
-        let mut metadata = json!({"name": name, "namespace": self.ns});
+        let mut dv = DynamicObject::new(name, &self.dv_resource)
+            .within(&self.conn.namespace)
+            .data(json!({"spec": {"source": {"upload": {}}, "storage": storage}}));
         if args.force_bind {
-            metadata["annotations"] =
-                json!({"cdi.kubevirt.io/storage.bind.immediate.requested": "true"});
-        }
-        let dv = json!({
-            "apiVersion": "cdi.kubevirt.io/v1beta1",
-            "kind": "DataVolume",
-            "metadata": metadata,
-            "spec": {"source": {"upload": {}}, "storage": storage},
-        });
-        let resp = self
-            .http
-            .post(self.url(&format!(
-                "cdi.kubevirt.io/v1beta1/namespaces/{}/datavolumes",
-                self.ns
-            )))
-            .bearer_auth(&self.cfg.token)
-            .json(&dv)
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            bail!(
-                "creating DataVolume {name}: {status}: {}",
-                resp.text().await.unwrap_or_default()
+            dv.metadata.annotations = Some(
+                [(
+                    cdi_resources::annotations::ANN_IMMEDIATE_BINDING.to_string(),
+                    "true".to_string(),
+                )]
+                .into(),
             );
         }
+        self.dvs
+            .create(&PostParams::default(), &dv)
+            .await
+            .map_err(|e| self.conn.explain(e))
+            .with_context(|| format!("creating DataVolume {name}"))?;
         Ok(())
     }
 
     async fn phase(&self, name: &str) -> anyhow::Result<String> {
-        let resp = self
-            .http
-            .get(self.url(&format!(
-                "cdi.kubevirt.io/v1beta1/namespaces/{}/datavolumes/{name}",
-                self.ns
-            )))
-            .bearer_auth(&self.cfg.token)
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            bail!(
-                "reading DataVolume {name}: {status}: {}",
-                resp.text().await.unwrap_or_default()
-            );
-        }
-        let dv: Value = resp.json().await?;
-        Ok(dv
-            .pointer("/status/phase")
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        let dv = self
+            .dvs
+            .get(name)
+            .await
+            .map_err(|e| self.conn.explain(e))
+            .with_context(|| format!("reading DataVolume {name}"))?;
+        Ok(dv.data["status"]["phase"]
+            .as_str()
+            .unwrap_or_default()
             .to_string())
     }
 
@@ -372,32 +364,17 @@ impl Api {
     }
 
     async fn upload_token(&self, name: &str) -> anyhow::Result<String> {
-        let req = json!({
-            "apiVersion": "upload.cdi.kubevirt.io/v1beta1",
-            "kind": "UploadTokenRequest",
-            "metadata": {"name": name, "namespace": self.ns},
-            "spec": {"pvcName": name},
-        });
-        let resp = self
-            .http
-            .post(self.url(&format!(
-                "upload.cdi.kubevirt.io/v1beta1/namespaces/{}/uploadtokenrequests",
-                self.ns
-            )))
-            .bearer_auth(&self.cfg.token)
-            .json(&req)
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            bail!(
-                "requesting upload token: {status}: {}",
-                resp.text().await.unwrap_or_default()
-            );
-        }
-        let obj: Value = resp.json().await?;
-        obj.pointer("/status/token")
-            .and_then(Value::as_str)
+        let req = DynamicObject::new(name, &self.token_resource)
+            .within(&self.conn.namespace)
+            .data(json!({"spec": {"pvcName": name}}));
+        let answer = self
+            .tokens
+            .create(&PostParams::default(), &req)
+            .await
+            .map_err(|e| self.conn.explain(e))
+            .context("requesting upload token")?;
+        answer.data["status"]["token"]
+            .as_str()
             .map(str::to_string)
             .ok_or_else(|| anyhow!("upload token response has no status.token"))
     }
@@ -684,6 +661,21 @@ mod tests {
             s,
             "upload offset mismatch: server has 4 bytes"
         ));
+    }
+
+    #[test]
+    fn der_certificates_round_trip_through_the_pem_bundle() {
+        let ca = cdi_pki::Ca::generate("test-ca").unwrap();
+        let der = |pem: &str| -> Vec<Vec<u8>> {
+            cdi_pki::parse_certs(pem)
+                .unwrap()
+                .into_iter()
+                .map(|c| c.to_vec())
+                .collect()
+        };
+        let ders = der(ca.cert_pem());
+        let twice = [ders[0].clone(), ders[0].clone()];
+        assert_eq!(der(&pem_bundle(&twice)), twice);
     }
 
     #[test]
