@@ -207,6 +207,11 @@ pub struct Selectors {
 }
 
 impl Selectors {
+    /// Whether no selector was given (every object is selected).
+    pub fn is_empty(&self) -> bool {
+        self.labels.0.is_empty() && self.fields.0.is_empty()
+    }
+
     /// Whether `obj` is selected.
     pub fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj) && self.fields.matches(obj)

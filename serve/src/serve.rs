@@ -106,8 +106,26 @@ fn make_private_data_dir(dir: &Path) -> anyhow::Result<()> {
 /// Subject of the CA `cdi serve` creates in its data directory.
 const CA_COMMON_NAME: &str = "cdi-serve-ca";
 
+/// glibc malloc arenas `cdi serve` may use. glibc gives a thread that finds the heap busy an
+/// arena of its own, up to 8 per core, and memory freed into one arena is not reused by the
+/// others: with the blocking pool's threads serving the store, RSS reached 2.5× the live heap
+/// (bench s8: 163 MiB for 100 DataVolumes). Two arenas keep it within the 64 MiB target.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_ARENAS: libc::c_int = 2;
+
+/// Apply [`MALLOC_ARENAS`] (before the API's threads allocate; arenas are made lazily).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; glibc serializes it internally and it
+    // affects arenas created afterwards. No pointer is passed.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+}
+
 /// Run `cdi serve` until SIGINT/SIGTERM.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = &opts.data_dir;
     make_private_data_dir(dir)?;
@@ -165,9 +183,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let kubeconfig =
         crate::kubeconfig::write(dir, &format!("https://{addr}"), ca.cert_pem(), &token)
             .context("writing the kubeconfig")?;
-    let kube = kube_client(&kubeconfig).await?;
-    let token = Arc::new(token);
-    let admin = axum::middleware::from_fn_with_state(Arc::clone(&token), api::require_admin);
+    let admin = axum::middleware::from_fn_with_state(Arc::new(token.clone()), api::require_admin);
     let resources = api::router(
         Arc::new(ApiState {
             store: Arc::clone(&store),
@@ -178,6 +194,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }),
     )
     .layer(admin);
+    let kube = in_process_client(resources.clone(), &token)?;
     // The proxy paths authenticate with upload tokens, not the admin token; it also serves
     // `/healthz`.
     let proxy = cdi_uploadproxy::router(cdi_uploadproxy::ProxyState {
@@ -239,24 +256,37 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let mut node = cdi_node::NodeConfig::new(dir.clone(), dir.join("run"))
         .context("configuring the node agent")?;
     node.restart_backoff_base = opts.backoff_base;
-    let agent = tokio::spawn(cdi_node::run_node_agent(
+    let mut agent = tokio::spawn(cdi_node::run_node_agent(
         kube.clone(),
         node.clone(),
         shutdown.clone(),
     ));
-    let provisioner = tokio::spawn(cdi_node::run_provisioner(kube, node, shutdown.clone()));
+    let mut provisioner = tokio::spawn(cdi_node::run_provisioner(kube, node, shutdown.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut failed = None;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        r = controller => failed = Some(format!("the DataVolume controller stopped: {}", outcome(r))),
-    }
+    // Any part stopping on its own is a failure of the whole: stop the rest and say why.
+    let (mut agent_done, mut provisioner_done) = (false, false);
+    let failed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        r = controller => Some(format!("the DataVolume controller stopped: {}", outcome(r))),
+        r = &mut agent => {
+            agent_done = true;
+            Some(format!("the node agent stopped: {}", outcome(r)))
+        }
+        r = &mut provisioner => {
+            provisioner_done = true;
+            Some(format!("the local provisioner stopped: {}", outcome(r)))
+        }
+    };
     shutdown.cancel();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        let _ = agent.await;
-        let _ = provisioner.await;
+        if !agent_done {
+            let _ = agent.await;
+        }
+        if !provisioner_done {
+            let _ = provisioner.await;
+        }
     })
     .await;
     match failed {
@@ -273,13 +303,21 @@ fn outcome<E: std::fmt::Display>(r: Result<Result<(), E>, tokio::task::JoinError
     }
 }
 
-/// A client of our own API through the kubeconfig just written: the controller and the node
-/// use nothing else, as they would on a cluster.
-async fn kube_client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .with_context(|| format!("loading {}", kubeconfig.display()))?;
-    kube::Client::try_from(cfg).context("building the API client")
+/// A `kube::Client` of this process's own API that calls the API router in memory: the same
+/// handlers, admission and admin-token check as over HTTPS, without a TLS connection per watch
+/// (a controller, a node agent and a provisioner hold a dozen watches and, under load, as many
+/// pooled connections again, each with buffers on both ends). The controller and the node
+/// use nothing but this client, as they would on a cluster; kubectl and `cdi` reach the same
+/// router over HTTPS through the kubeconfig.
+fn in_process_client(api: axum::Router, token: &str) -> anyhow::Result<kube::Client> {
+    let bearer = http::HeaderValue::from_str(&format!("Bearer {token}"))
+        .context("the admin token is not a valid header value")?;
+    let svc = tower::ServiceBuilder::new()
+        .map_request(move |mut req: http::Request<kube::client::Body>| {
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, bearer.clone());
+            req
+        })
+        .service(api);
+    Ok(kube::Client::new(svc, "default"))
 }

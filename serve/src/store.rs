@@ -34,9 +34,14 @@ const WATCH_BUFFER: usize = 1024;
 /// from the last version it saw after every stream end (server timeout, lag, reconnect);
 /// the gap to cover is seconds to minutes of changes on one host, where the busiest writer is
 /// the DataVolume progress update (one per worker every few seconds). 4096 changes is far more
-/// than such a gap and bounds memory to a few MiB of object bodies; older versions answer
-/// `410 Expired` and the client re-lists.
+/// than such a gap; older versions answer `410 Expired` and the client re-lists.
 pub const WATCH_HISTORY: usize = 4096;
+
+/// Bytes of serialized objects (after and before each change) the history keeps at most.
+/// A burst of large objects (pods with long specs, 100 DataVolumes applied at once) would
+/// otherwise hold 4096 changes of several KiB each, twice: the control plane's memory target
+/// is 64 MiB at 100 DataVolumes. 8 MiB still covers thousands of typical changes.
+pub const WATCH_HISTORY_BYTES: usize = 8 << 20;
 
 /// The resource kinds the control plane serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -276,21 +281,55 @@ impl EventType {
     }
 }
 
-/// One change of the store.
+/// One change of the store. Cheap to clone: the history, the live feed and every watcher
+/// share one serialized copy of the object, written once when the change is published (a
+/// parsed `Value` tree takes several times the memory of its text, and watchers send text).
 #[derive(Debug, Clone)]
 pub struct WatchEvent {
     /// Kind of the object.
     pub kind: Kind,
     /// `ADDED`, `MODIFIED` or `DELETED` (see [`EventType::as_str`]).
     pub event_type: &'static str,
-    /// The object after the change; for deletions, the last state with the deletion's
-    /// resource version, as Kubernetes reports it.
-    pub object: Value,
+    /// Namespace of the object (`""` for cluster-scoped kinds).
+    pub namespace: Arc<str>,
+    /// The object after the change as compact JSON, its `apiVersion` the kind's stored
+    /// version; for deletions, the last state with the deletion's resource version, as
+    /// Kubernetes reports it.
+    pub object: Arc<str>,
     /// Resource version of this change.
     pub rv: u64,
-    /// For `MODIFIED`: the object before the change (lets a filtered watch tell objects that
-    /// start or stop matching its selectors).
-    pub previous: Option<Value>,
+    /// For `MODIFIED`: the object before the change as compact JSON (lets a filtered watch
+    /// tell objects that start or stop matching its selectors).
+    pub previous: Option<Arc<str>>,
+}
+
+impl WatchEvent {
+    /// The object after the change, parsed.
+    pub fn object_value(&self) -> Value {
+        parse_published(&self.object)
+    }
+
+    /// The object before a `MODIFIED` change, parsed.
+    pub fn previous_value(&self) -> Option<Value> {
+        self.previous.as_deref().map(parse_published)
+    }
+
+    /// Bytes the history holds for this change.
+    fn size(&self) -> usize {
+        self.object.len() + self.previous.as_ref().map_or(0, |p| p.len())
+    }
+}
+
+/// Parse JSON this store serialized itself (so it cannot fail short of a bug).
+fn parse_published(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+/// Serialize a changed object for the feed, its `apiVersion` the kind's stored version (what
+/// a watch in that version sends unchanged).
+fn publishable(kind: Kind, mut obj: Value) -> Arc<str> {
+    obj["apiVersion"] = json!(kind.api_version());
+    Arc::from(obj.to_string())
 }
 
 /// Why a store operation failed.
@@ -423,6 +462,14 @@ pub trait Store: Send + Sync {
     fn watch_from(&self, rv: u64) -> Result<Replay, StoreError>;
 }
 
+/// Store calls that may wait on the blocking pool at once. SQLite runs one call at a time
+/// (one connection behind a mutex), so more threads would only queue on that mutex; each
+/// extra thread costs a stack and, with glibc, possibly a malloc arena of its own.
+const STORE_THREADS: usize = 4;
+
+/// Admission to the blocking pool for store calls (see [`STORE_THREADS`]).
+static STORE_CALLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(STORE_THREADS);
+
 /// A [`Store`] for async code: every call runs on tokio's blocking pool, so SQLite (which
 /// blocks on disk and on its lock) never stalls the runtime's worker threads.
 #[derive(Clone)]
@@ -446,6 +493,8 @@ impl AsyncStore {
         F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = Arc::clone(&self.0);
+        // The semaphore is never closed, so a permit always comes.
+        let _permit = STORE_CALLS.acquire().await.ok();
         tokio::task::spawn_blocking(move || f(store.as_ref())).await?
     }
 
@@ -456,6 +505,8 @@ impl AsyncStore {
         F: FnOnce(&dyn Store) -> T + Send + 'static,
     {
         let store = Arc::clone(&self.0);
+        // The semaphore is never closed, so a permit always comes.
+        let _permit = STORE_CALLS.acquire().await.ok();
         Ok(tokio::task::spawn_blocking(move || f(store.as_ref())).await?)
     }
 }
@@ -465,6 +516,8 @@ impl AsyncStore {
 struct Feed {
     live: broadcast::Sender<WatchEvent>,
     history: VecDeque<WatchEvent>,
+    /// Sum of [`WatchEvent::size`] over `history`.
+    history_bytes: usize,
     /// Changes up to this version are not in `history` (dropped, or made before this process
     /// opened the database); a watch can resume from this version or later.
     horizon: u64,
@@ -516,7 +569,8 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             feed: Mutex::new(Feed {
                 live,
-                history: VecDeque::with_capacity(WATCH_HISTORY),
+                history: VecDeque::new(),
+                history_bytes: 0,
                 horizon: rv as u64,
             }),
         })
@@ -538,18 +592,25 @@ impl SqliteStore {
     fn publish(&self, changes: Vec<Change>) {
         let mut feed = self.lock_feed();
         for c in changes {
+            let namespace = Arc::from(c.object["metadata"]["namespace"].as_str().unwrap_or(""));
             let ev = WatchEvent {
                 kind: c.kind,
                 event_type: c.event_type.as_str(),
-                object: c.object,
+                namespace,
+                object: publishable(c.kind, c.object),
                 rv: c.rv,
-                previous: c.previous,
+                previous: c.previous.map(|p| publishable(c.kind, p)),
             };
-            if feed.history.len() == WATCH_HISTORY
-                && let Some(old) = feed.history.pop_front()
+            while !feed.history.is_empty()
+                && (feed.history.len() >= WATCH_HISTORY
+                    || feed.history_bytes + ev.size() > WATCH_HISTORY_BYTES)
             {
-                feed.horizon = old.rv;
+                if let Some(old) = feed.history.pop_front() {
+                    feed.history_bytes -= old.size();
+                    feed.horizon = old.rv;
+                }
             }
+            feed.history_bytes += ev.size();
             feed.history.push_back(ev.clone());
             // No subscribers is fine.
             let _ = feed.live.send(ev);
@@ -1150,7 +1211,8 @@ mod tests {
         assert_eq!(del.event_type, "DELETED");
         // The deletion carries its own resource version, so a watcher resumes after it.
         assert_eq!(del.rv, 3);
-        assert_eq!(del.object["metadata"]["resourceVersion"], "3");
+        assert_eq!(del.object_value()["metadata"]["resourceVersion"], "3");
+        assert_eq!(&*del.namespace, "default");
         assert!(s.get(Kind::DataVolume, "default", "a").unwrap().is_none());
         assert_eq!(s.list(Kind::DataVolume, None).unwrap().len(), 0);
     }
@@ -1198,6 +1260,52 @@ mod tests {
             s.watch_from(oldest_resumable - 1),
             Err(StoreError::Expired { requested, oldest }) if requested == oldest_resumable - 1 && oldest == oldest_resumable
         ));
+    }
+
+    #[test]
+    fn history_is_bounded_by_bytes() {
+        let s = store();
+        let big = "x".repeat(64 << 10);
+        let n = 3 * WATCH_HISTORY_BYTES / big.len();
+        for i in 0..n {
+            s.create(
+                Kind::ConfigMap,
+                json!({"metadata": {"name": format!("c{i}"), "namespace": "default"}, "data": {"d": big}}),
+            )
+            .unwrap();
+        }
+        let feed = s.lock_feed();
+        assert!(feed.history_bytes <= WATCH_HISTORY_BYTES);
+        assert_eq!(
+            feed.history_bytes,
+            feed.history.iter().map(WatchEvent::size).sum::<usize>()
+        );
+        // Roughly a third of the changes are still there; the rest expired.
+        assert!(feed.history.len() > n / 4 && feed.history.len() < n / 2);
+        let oldest = feed.horizon;
+        drop(feed);
+        assert!(s.watch_from(oldest).is_ok());
+        assert!(matches!(
+            s.watch_from(oldest - 1),
+            Err(StoreError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn published_objects_carry_the_stored_version() {
+        let s = store();
+        let mut rx = s.watch();
+        let mut o = dv("a");
+        o["apiVersion"] = json!("cdi.kubevirt.io/v1alpha1");
+        s.create(Kind::DataVolume, o).unwrap();
+        let ev = rx.try_recv().unwrap();
+        let ev = if ev.kind == Kind::Namespace {
+            rx.try_recv().unwrap()
+        } else {
+            ev
+        };
+        assert_eq!(ev.object_value()["apiVersion"], "cdi.kubevirt.io/v1beta1");
+        assert_eq!(ev.object_value()["metadata"]["name"], "a");
     }
 
     #[test]

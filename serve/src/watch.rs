@@ -87,12 +87,7 @@ struct Stream {
 
 impl Stream {
     fn in_scope(&self, ev: &WatchEvent) -> bool {
-        ev.kind == self.p.kind
-            && self
-                .p
-                .ns
-                .as_deref()
-                .is_none_or(|n| ev.object["metadata"]["namespace"] == n)
+        ev.kind == self.p.kind && self.p.ns.as_deref().is_none_or(|n| *ev.namespace == *n)
     }
 
     /// The line to send for `ev`, if any (selectors applied as Kubernetes does).
@@ -101,21 +96,33 @@ impl Stream {
             return None;
         }
         let sel = &self.p.selectors;
-        let now = sel.matches(&ev.object);
-        let event_type = match ev.event_type {
-            "MODIFIED" => {
-                let before = ev.previous.as_ref().map_or(now, |p| sel.matches(p));
-                match (before, now) {
-                    (true, true) => "MODIFIED",
-                    (false, true) => "ADDED",
-                    (true, false) => "DELETED",
-                    (false, false) => return None,
+        // Objects are parsed only when something must look inside them.
+        let mut parsed = None;
+        let event_type = if sel.is_empty() {
+            ev.event_type
+        } else {
+            let obj = parsed.insert(ev.object_value());
+            let now = sel.matches(obj);
+            match ev.event_type {
+                "MODIFIED" => {
+                    let before = ev.previous_value().map_or(now, |p| sel.matches(&p));
+                    match (before, now) {
+                        (true, true) => "MODIFIED",
+                        (false, true) => "ADDED",
+                        (true, false) => "DELETED",
+                        (false, false) => return None,
+                    }
                 }
+                t if now => t,
+                _ => return None,
             }
-            t if now => t,
-            _ => return None,
         };
-        Some(self.event_line(event_type, &ev.object))
+        if self.p.table.is_none() && self.p.api_version == self.p.kind.api_version() {
+            // The published text already is this watch's form.
+            return Some(raw_line(event_type, &ev.object));
+        }
+        let obj = parsed.unwrap_or_else(|| ev.object_value());
+        Some(self.event_line(event_type, &obj))
     }
 
     fn event_line(&self, event_type: &str, obj: &Value) -> Bytes {
@@ -144,6 +151,13 @@ enum Step {
 
 fn line(event_type: &str, obj: &Value) -> Bytes {
     Bytes::from(format!("{}\n", json!({"type": event_type, "object": obj})))
+}
+
+/// [`line`] for an object already serialized.
+fn raw_line(event_type: &str, object: &str) -> Bytes {
+    Bytes::from(format!(
+        "{{\"type\":\"{event_type}\",\"object\":{object}}}\n"
+    ))
 }
 
 /// An object as this watch presents it: the URL's apiVersion, or a one-row Table.
