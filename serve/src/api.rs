@@ -796,6 +796,32 @@ fn defaults_for_create(kind: Kind, obj: &mut Value) {
     obj["status"] = json!({"phase": phase});
 }
 
+/// Kubernetes' DefaultStorageClass admission: a claim created without `storageClassName`
+/// gets the default class (the newest, when several are marked default); `""` asks for no
+/// class and is kept. Without a default class the field stays unset.
+fn assign_default_class(store: &dyn Store, pvc: &mut Value) {
+    if !pvc["spec"]["storageClassName"].is_null() {
+        return;
+    }
+    let Ok(classes) = store.list(Kind::StorageClass, None) else {
+        return;
+    };
+    let default = classes
+        .iter()
+        .filter(|c| c["metadata"]["annotations"][cdi_api::resources::ANN_DEFAULT_CLASS] == "true")
+        .max_by_key(|c| {
+            c["metadata"]["creationTimestamp"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        });
+    if let Some(name) = default.and_then(|c| c["metadata"]["name"].as_str())
+        && pvc["spec"].is_object()
+    {
+        pvc["spec"]["storageClassName"] = json!(name);
+    }
+}
+
 /// Validate and create `obj` (already [`prepare`]d).
 fn create_object(store: &dyn Store, r: &Req, mut obj: Value) -> Response {
     let kind = r.t.kind;
@@ -856,6 +882,9 @@ fn create_object(store: &dyn Store, r: &Req, mut obj: Value) -> Response {
                     );
                 }
             }
+        }
+        if kind == Kind::PersistentVolumeClaim {
+            assign_default_class(store, &mut obj);
         }
         let mut new = obj.clone();
         defaults_for_create(kind, &mut new);
@@ -1467,6 +1496,39 @@ mod tests {
         assert_eq!((code, v["openapi"].as_str()), (200, Some("3.0.0")));
         let (code, _) = a.call("GET", "/openapi/v2", "", "").await;
         assert_eq!(code, 404);
+    }
+
+    #[tokio::test]
+    async fn claims_without_a_class_get_the_default_one() {
+        let a = api();
+        const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
+        const SCS: &str = "/apis/storage.k8s.io/v1/storageclasses";
+        let pvc = |name: &str, class: Option<&str>| {
+            let mut p = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}}});
+            if let Some(c) = class {
+                p["spec"]["storageClassName"] = json!(c);
+            }
+            p
+        };
+        // No default class yet: the field stays unset.
+        let (code, o) = a.json("POST", PVCS, pvc("before", None)).await;
+        assert_eq!(code, 201, "{o}");
+        assert!(o["spec"]["storageClassName"].is_null(), "{o}");
+        let (code, _) = a
+            .json("POST", SCS, json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                "metadata": {"name": "fast", "annotations": {cdi_api::resources::ANN_DEFAULT_CLASS: "true"}},
+                "provisioner": "example.com/fast"}))
+            .await;
+        assert_eq!(code, 201);
+        let (_, o) = a.json("POST", PVCS, pvc("unset", None)).await;
+        assert_eq!(o["spec"]["storageClassName"], "fast");
+        // An explicit class, and "" (no class), are kept.
+        let (_, o) = a.json("POST", PVCS, pvc("named", Some("slow"))).await;
+        assert_eq!(o["spec"]["storageClassName"], "slow");
+        let (_, o) = a.json("POST", PVCS, pvc("none", Some(""))).await;
+        assert_eq!(o["spec"]["storageClassName"], "");
     }
 
     #[tokio::test]
