@@ -157,17 +157,7 @@ fn render_value(out: &mut String, v: &Value, indent: usize) {
         Value::Object(m) => render_map(out, m, indent),
         Value::Array(items) => {
             for item in items {
-                match item {
-                    Value::Object(m) => render_map(out, m, indent),
-                    other => {
-                        let _ = writeln!(
-                            out,
-                            "{}{}",
-                            " ".repeat(indent),
-                            scalar(other).unwrap_or_default()
-                        );
-                    }
-                }
+                render_value(out, item, indent);
             }
         }
         other => {
