@@ -46,6 +46,14 @@ pub const READY_POLL: Duration = Duration::from_secs(1);
 /// Connecting to an upload server (TCP + TLS) must not take longer than this; it runs on the
 /// same host or cluster network.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A refused request's body is still read (and dropped) for this long after the answer went
+/// out. A client streaming a large body without `Expect: 100-continue` (virtctl does) whose
+/// connection is closed with its data unread gets a reset while still sending and loses the
+/// answer with it; reading on a little longer, as nginx's lingering close does, lets the
+/// answer arrive. The answer itself does not wait.
+pub const REFUSED_BODY_LINGER: Duration = Duration::from_secs(2);
+/// At most this much of a refused body is read (loopback moves it in well under the linger).
+pub const REFUSED_BODY_MAX: u64 = 256 << 20;
 
 /// Where an upload for a volume goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,28 +307,46 @@ const DROPPED_HEADERS: [&str; 10] = [
     "transfer-encoding",
 ];
 
+/// Answer `status` at once and read what the client still sends for a moment (see
+/// [`REFUSED_BODY_LINGER`]).
+fn refuse(req: Request, status: StatusCode, message: &str) -> Response {
+    let mut body = req.into_body().into_data_stream();
+    tokio::spawn(async move {
+        let mut read = 0u64;
+        let _ = tokio::time::timeout(REFUSED_BODY_LINGER, async {
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut body).await {
+                read += chunk.len() as u64;
+                if read > REFUSED_BODY_MAX {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+    text(status, message)
+}
+
 async fn proxy(State(state): State<Arc<ProxyState>>, req: Request) -> Response {
     let Some(token) = bearer_token(req.headers()) else {
-        return text(
+        return refuse(
+            req,
             StatusCode::BAD_REQUEST,
             "missing or malformed Authorization: Bearer header",
         );
     };
     let claims = match state.verifier.verify(token) {
         Ok(c) => c,
-        Err(e) => return text(token_status(&e), &e.to_string()),
+        Err(e) => return refuse(req, token_status(&e), &e.to_string()),
     };
     if let Err(e) = claims.check_upload() {
-        return text(StatusCode::BAD_REQUEST, &e.to_string());
+        return refuse(req, StatusCode::BAD_REQUEST, &e.to_string());
     }
     let (ns, pvc) = (claims.namespace.as_str(), claims.name.as_str());
     let target = match resolve_ready(state.resolver.as_ref(), ns, pvc, READY_WAIT).await {
         Ok(t) => t,
         Err(e) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &resolve_message(&e, ns, pvc),
-            );
+            let message = resolve_message(&e, ns, pvc);
+            return refuse(req, StatusCode::SERVICE_UNAVAILABLE, &message);
         }
     };
     match forward(&state, &target, req).await {
