@@ -52,8 +52,8 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     match cli.command {
-        Command::Client(c) => c.run(cli.conn),
-        Command::Control(c) => c.with_data_dir(cli.conn.data_dir).run(),
+        Command::Client(c) => block_on(c.run(cli.conn)),
+        Command::Control(c) => block_on(c.with_data_dir(cli.conn.data_dir).run()),
         Command::Formats(c) => c.run(),
         Command::Importer(c) => c.run(),
         Command::UploadServer(c) => c.run(),
@@ -79,6 +79,33 @@ fn check_outer_flags(cli: &Cli) -> anyhow::Result<()> {
          get, describe, delete, wait, image-upload); give the subcommand's own flags after it"
     );
     Ok(())
+}
+
+/// How long stray tasks may run on after a command's future finished (`cdi serve` stops its
+/// pods before returning; a client command has nothing left running).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Run an async command on a fresh multi-threaded runtime: exit 0, or `error: …` and 1.
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(command);
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `cdi-importer ARGS` → `cdi importer ARGS`, for the subcommands that exist; any other name

@@ -2,7 +2,6 @@
 //! that talk to it (`apply`, `get`, …) live in the `cdi` binary's crate, on `kube::Client`.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -75,44 +74,22 @@ impl Command {
         }
     }
 
-    /// Run the subcommand.
-    pub fn run(self) -> ExitCode {
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: starting the async runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let result = rt.block_on(async {
-            match self {
-                Command::Serve(a) => {
-                    init_tracing();
-                    // Absolute: the node agent runs pods in working directories of their own,
-                    // and they receive paths under the data directory.
-                    let dir = data_dir(a.data_dir, std::env::var_os(CDI_HOME));
-                    let data_dir = std::path::absolute(&dir).with_context(|| {
-                        format!("resolving the data directory {}", dir.display())
-                    })?;
-                    crate::serve::serve(crate::serve::ServeOptions {
-                        data_dir,
-                        listen: a.listen,
-                        backoff_base: a.restart_backoff,
-                    })
-                    .await
-                }
-            }
-        });
-        // `cdi serve` stops its pods before returning; this only bounds stray tasks.
-        rt.shutdown_timeout(Duration::from_secs(5));
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
+    /// Run the subcommand (the caller provides the async runtime).
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Command::Serve(a) => {
+                init_tracing();
+                // Absolute: the node agent runs pods in working directories of their own, and
+                // they receive paths under the data directory.
+                let dir = data_dir(a.data_dir, std::env::var_os(CDI_HOME));
+                let data_dir = std::path::absolute(&dir)
+                    .with_context(|| format!("resolving the data directory {}", dir.display()))?;
+                crate::serve::serve(crate::serve::ServeOptions {
+                    data_dir,
+                    listen: a.listen,
+                    backoff_base: a.restart_backoff,
+                })
+                .await
             }
         }
     }

@@ -12,16 +12,10 @@ mod discovery;
 mod get;
 mod wait;
 
-use std::process::ExitCode;
-use std::time::Duration;
-
 use kube::api::DeleteParams;
 
 pub use connect::ConnFlags;
 use connect::{Connection, status_code};
-
-/// How long stray tasks (a watch being torn down) may delay the exit.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The client subcommands of `cdi`.
 #[derive(Debug, clap::Subcommand)]
@@ -53,29 +47,6 @@ pub struct DeleteArgs {
 }
 
 impl Command {
-    /// Run the command; `outer` are the connection flags given before the subcommand.
-    pub fn run(self, outer: ConnFlags) -> ExitCode {
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: starting the async runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let result = rt.block_on(self.run_async(outer));
-        rt.shutdown_timeout(SHUTDOWN_GRACE);
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
-    }
-
     /// The connection flags after the subcommand, the outer ones filling in.
     pub fn merged_conn_flags(&self, outer: ConnFlags) -> ConnFlags {
         let inner = match self {
@@ -89,7 +60,8 @@ impl Command {
         inner.or(outer)
     }
 
-    async fn run_async(self, outer: ConnFlags) -> anyhow::Result<()> {
+    /// Run the command; `outer` are the connection flags given before the subcommand.
+    pub async fn run(self, outer: ConnFlags) -> anyhow::Result<()> {
         let conn = connect::connect(&self.merged_conn_flags(outer)).await?;
         match self {
             Command::Apply(a) => apply::run(&conn, a).await,
